@@ -8,6 +8,14 @@ from transformers import LlavaOnevisionConfig
 
 _RANGE_PATTERN = re.compile(r"RANGE-(-?\d+)-(-?\d+)-(-?\d+)")
 
+# Written into config.json so that the saved folder loads with `trust_remote_code=True` from every auto class.
+DEFAULT_AUTO_MAP = {
+    "AutoConfig": "configuration_cli.CLIConfig",
+    "AutoModel": "modeling_cli.CLIForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_cli.CLIForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_cli.CLIForConditionalGeneration",
+}
+
 # The names the official LLaVA-NeXT fork uses for the two layer lists.
 _FORK_ALIASES = {"vision_exp_layers": "vision_extraction_layers", "vlm_exp_layers": "llm_injection_layers"}
 
@@ -115,6 +123,13 @@ class CLIConfig(LlavaOnevisionConfig):
                     raise ValueError(f"`{field}`={current} and its alias `{alias}`={aliased} disagree; give one.")
                 setattr(self, field, aliased)
         super().__post_init__(**kwargs)
+        if getattr(self, "auto_map", None) is None:
+            self.auto_map = dict(DEFAULT_AUTO_MAP)
+        if not isinstance(self.vision_feature_layer, int):
+            raise ValueError(
+                f"`vision_feature_layer` must be a single int for CLI (AMP shares the projector, whose input is one "
+                f"vision layer), got {self.vision_feature_layer!r}."
+            )
 
         num_vision_layers = self.vision_config.num_hidden_layers
         num_text_layers = self.text_config.num_hidden_layers

@@ -1,0 +1,663 @@
+# Copyright 2026 The CLI for transformers authors. Licensed under the Apache License, Version 2.0.
+"""
+CLI (Cross-Layer Injection, arXiv 2601.10710): LLaVA-OneVision-Qwen2 with a many-to-many vision-language bridge.
+
+- AMP (Adaptive Multi-Projection): the features of every extraction layer `k` of the vision tower go through the shared
+  projector plus a per-layer LoRA, `V_k = P(F_k) + (alpha / r) B_k A_k F_k`, and are packed like the baseline features.
+- AGF (Adaptive Gating Fusion): before each injection decoder layer `j`, a gate per vision layer is computed from two
+  single-query attentions (one over each `V_k`, one over the context hidden states) and `sum_k g_k V_k` is added to the
+  hidden states at the image positions. Gates start at 0, so an untrained CLI model is exactly its base LLaVA-OV.
+
+The per-layer features travel in `deepstack_features` (`[layer][image] -> (tokens, hidden_size)`, the Qwen3-VL layout)
+so that `generate()` expands them for beams / `num_return_sequences` like the pooled image features.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionCausalLMOutputWithPast,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionModel,
+    LlavaOnevisionModelOutputWithPast,
+    LlavaOnevisionMultiModalProjector,
+    LlavaOnevisionPreTrainedModel,
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+)
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+
+try:  # loaded as remote code: a package folder
+    from .configuration_cli import CLIConfig
+    from .processing_cli import unpadded_grid_shape
+except ImportError:  # installed as top-level modules
+    from configuration_cli import CLIConfig
+    from processing_cli import unpadded_grid_shape
+
+
+@dataclass
+class CLIImageFeaturesOutput(BaseModelOutputWithPooling):
+    """
+    Output of [`CLIModel.get_image_features`].
+
+    pooler_output (`list[torch.Tensor]`): per image, the baseline features `(num_image_tokens, hidden_size)`.
+    deepstack_features (`list[list[torch.Tensor]]`): `[layer][image] -> (num_image_tokens, hidden_size)`, the AMP
+        features `V_k` of every extraction layer, packed exactly like `pooler_output`.
+    """
+
+    deepstack_features: list | None = None
+
+
+@dataclass
+class CLITextModelOutputWithPast(BaseModelOutputWithPast):
+    """
+    gate_weights (`torch.FloatTensor` of shape `(num_injection_layers, batch_size, num_extraction_layers)`, *optional*):
+        AGF gates `g_k` of every injection layer, returned with `output_gate_weights=True` on a step that injects.
+    """
+
+    gate_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class CLIModelOutputWithPast(LlavaOnevisionModelOutputWithPast):
+    """
+    gate_weights (`torch.FloatTensor` of shape `(num_injection_layers, batch_size, num_extraction_layers)`, *optional*):
+        AGF gates, returned with `output_gate_weights=True` on a step that injects (prefill).
+    """
+
+    gate_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class CLICausalLMOutputWithPast(LlavaOnevisionCausalLMOutputWithPast):
+    """
+    gate_weights (`torch.FloatTensor` of shape `(num_injection_layers, batch_size, num_extraction_layers)`, *optional*):
+        AGF gates, returned with `output_gate_weights=True` on a step that injects (prefill). Row `j` is the
+        injection layer `config.llm_injection_layers[j]`, column `k` the vision layer
+        `config.vision_extraction_layers[k]`: the paper's "criss-cross" picture.
+    """
+
+    gate_weights: torch.FloatTensor | None = None
+
+
+class CLIAdaptiveMultiProjection(nn.Module):
+    """
+    AMP: one LoRA `(A_k, B_k)` per extraction layer beside the shared projector, all `K` layers in one batched matmul.
+
+    `lora_A` is `(K, r, vision_hidden_size)`, `lora_B` is `(K, text_hidden_size, r)` and starts at zero.
+    """
+
+    def __init__(self, config: CLIConfig):
+        super().__init__()
+        num_layers = len(config.vision_extraction_layers)
+        rank = config.amp_lora_rank
+        self.lora_A = nn.Parameter(torch.empty(num_layers, rank, config.vision_config.hidden_size))
+        self.lora_B = nn.Parameter(torch.zeros(num_layers, config.text_config.hidden_size, rank))
+        self.scaling = config.amp_lora_alpha / rank
+
+    def forward(self, layer_features: torch.Tensor, projected_features: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            layer_features: `(K, num_tokens, vision_hidden_size)`, the vision features `F_k`.
+            projected_features: `(K, num_tokens, text_hidden_size)`, the shared projector's output `P(F_k)`.
+
+        Returns:
+            `(K, num_tokens, text_hidden_size)`: `P(F_k) + (alpha / r) B_k A_k F_k`.
+        """
+        low_rank = torch.bmm(layer_features, self.lora_A.transpose(1, 2))
+        return torch.baddbmm(projected_features, low_rank, self.lora_B.transpose(1, 2), alpha=self.scaling)
+
+
+class CLISingleQueryAttention(nn.Module):
+    """
+    Multi-head attention of a single learned query over a set of tokens, computed in folded form.
+
+    With one query `q`, per head `h`: `softmax(Q_h K_h^T / sqrt(d_h)) V_h = W_v[h] (a_h^T X) + b_v[h]`, where the
+    scores are `a_h = softmax(X u_h)` with `u_h = W_k[h]^T Q_h / sqrt(d_h)` (the key bias shifts every score by the
+    same amount and cancels in the softmax). Pooling `X` before the value projection costs `O(tokens * d * heads)`
+    instead of `O(tokens * d^2)` and is exact. The projections are named `query/key/value/output` rather than
+    `q_proj/...` so that PEFT target lists for the LLM's attention do not wrap them (the folded form reads the weights).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.output = nn.Linear(hidden_size, hidden_size)
+
+    def folded_query(self, query_vector: torch.Tensor) -> torch.Tensor:
+        """`(hidden_size,)` query -> `(hidden_size, num_heads)` matrix `u` such that the scores are `X @ u`."""
+        query = self.query(query_vector).view(self.num_heads, self.head_dim) * self.head_dim**-0.5
+        key_weight = self.key.weight.view(self.num_heads, self.head_dim, -1)
+        return torch.einsum("hc,hcd->dh", query, key_weight)
+
+    def project_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """`(..., num_heads, hidden_size)` attention-pooled tokens -> `(..., hidden_size)` attention output."""
+        value_weight = self.value.weight.view(self.num_heads, self.head_dim, -1)
+        values = torch.einsum("...hd,hcd->...hc", pooled, value_weight) + self.value.bias.view(
+            self.num_heads, self.head_dim
+        )
+        return self.output(values.flatten(-2))
+
+
+class CLIAdaptiveGatingFusion(nn.Module):
+    """
+    AGF of one injection layer: `g_k = tanh(w . [s_k ; s_h] + c_k)` and `H[image positions] += sum_k g_k V_k`, with
+    `s_k = MHA_v(q_v; V_k)` over a sample's image tokens and `s_h = MHA_h(q_h; H[context])` over its context positions.
+    `w` and `c` start at zero, so the injection starts as the identity.
+    """
+
+    def __init__(self, config: CLIConfig):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.vision_query = nn.Parameter(torch.empty(hidden_size))
+        self.context_query = nn.Parameter(torch.empty(hidden_size))
+        self.vision_attention = CLISingleQueryAttention(hidden_size, config.agf_num_heads)
+        self.context_attention = CLISingleQueryAttention(hidden_size, config.agf_num_heads)
+        self.gate_weight = nn.Parameter(torch.zeros(2 * hidden_size))
+        self.gate_bias = nn.Parameter(torch.zeros(len(config.vision_extraction_layers)))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        layer_features: torch.Tensor,
+        image_positions: tuple[torch.Tensor, torch.Tensor],
+        context_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            hidden_states: `(batch, seq_len, hidden_size)`, the hidden states entering the decoder layer.
+            layer_features: `(K, num_image_tokens, hidden_size)`, the AMP features in placeholder order.
+            image_positions: `(sample_index, seq_index)` of the image tokens, each `(num_image_tokens,)`.
+            context_mask: `(batch, seq_len)` bool, the positions `s_h` may attend to.
+
+        Returns:
+            The injected hidden states `(batch, seq_len, hidden_size)` and the gates `(batch, K)` (zero for samples
+            without image tokens).
+        """
+        batch_size = hidden_states.shape[0]
+        sample_index, seq_index = image_positions
+        num_layers, num_tokens, _ = layer_features.shape
+        min_value = torch.finfo(torch.float32).min
+
+        # s_k: one query over each sample's image tokens of each layer, batched as a (K, heads, batch, tokens) softmax
+        token_in_sample = sample_index[None, :] == torch.arange(batch_size, device=sample_index.device)[:, None]
+        scores = torch.matmul(layer_features, self.vision_attention.folded_query(self.vision_query))
+        scores = scores.transpose(1, 2).unsqueeze(2).float().masked_fill(~token_in_sample, min_value)
+        weights = scores.softmax(dim=-1).to(layer_features.dtype)  # (K, heads, batch, tokens)
+        pooled = torch.matmul(weights.flatten(1, 2), layer_features)
+        pooled = pooled.view(num_layers, -1, batch_size, pooled.shape[-1]).transpose(1, 2)
+        vision_summary = self.vision_attention.project_pooled(pooled)  # (K, batch, hidden)
+
+        # s_h: one query over each sample's context positions
+        context_scores = torch.matmul(hidden_states, self.context_attention.folded_query(self.context_query))
+        context_scores = context_scores.float().masked_fill(~context_mask[..., None], min_value)
+        context_weights = context_scores.softmax(dim=1).to(hidden_states.dtype)  # (batch, seq, heads)
+        context_summary = self.context_attention.project_pooled(torch.matmul(context_weights.transpose(1, 2), hidden_states))
+
+        vision_gate_weight, context_gate_weight = self.gate_weight.chunk(2)
+        gates = torch.tanh(
+            torch.matmul(vision_summary, vision_gate_weight).transpose(0, 1)
+            + torch.matmul(context_summary, context_gate_weight)[:, None]
+            + self.gate_bias
+        )  # (batch, K)
+        gates = gates * token_in_sample.any(dim=-1, keepdim=True)
+
+        injection = torch.einsum("nk,knd->nd", gates[sample_index].to(layer_features.dtype), layer_features)
+        hidden_states = hidden_states.index_put((sample_index, seq_index), injection.to(hidden_states.dtype), accumulate=True)
+        return hidden_states, gates
+
+
+class CLIPreTrainedModel(LlavaOnevisionPreTrainedModel):
+    config_class = CLIConfig
+    input_modalities = ("image", "text")
+    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer", "CLIAdaptiveGatingFusion"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, CLIAdaptiveMultiProjection):
+            # the LoRA convention: A like nn.Linear's default, B zero (so the branch starts at zero)
+            init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
+            init.zeros_(module.lora_B)
+        elif isinstance(module, CLIAdaptiveGatingFusion):
+            std = 1 / math.sqrt(module.vision_query.shape[0])
+            init.normal_(module.vision_query, mean=0.0, std=std)
+            init.normal_(module.context_query, mean=0.0, std=std)
+            init.zeros_(module.gate_weight)
+            init.zeros_(module.gate_bias)
+
+
+class CLITextModel(Qwen2Model):
+    """
+    The Qwen2 decoder with AGF modules: `agf[str(j)]` injects into the hidden states entering decoder layer `j`.
+    """
+
+    def __init__(self, config, cli_config: CLIConfig):
+        super().__init__(config)
+        self.agf = nn.ModuleDict(
+            {str(layer): CLIAdaptiveGatingFusion(cli_config) for layer in cli_config.llm_injection_layers}
+        )
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cli_features: torch.Tensor | None = None,
+        image_positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+        context_mask: torch.Tensor | None = None,
+        output_gate_weights: bool = False,
+        **kwargs,
+    ) -> CLITextModelOutputWithPast:
+        r"""
+        cli_features (`torch.Tensor` of shape `(K, num_image_tokens, hidden_size)`, *optional*):
+            AMP features of the image tokens in placeholder order; when given, every AGF layer injects.
+        image_positions (`tuple(torch.LongTensor, torch.LongTensor)`, *optional*):
+            `(sample_index, seq_index)` of the image tokens, each of shape `(num_image_tokens,)`.
+        context_mask (`torch.BoolTensor` of shape `(batch_size, seq_len)`, *optional*):
+            Positions AGF's context attention reads (attended, not a training target).
+        output_gate_weights (`bool`, *optional*):
+            Return the gates `(num_injection_layers, batch_size, K)` as `gate_weights`.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        if not isinstance(causal_mask_mapping := attention_mask, dict):
+            mask_kwargs = {
+                "config": self.config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "past_key_values": past_key_values,
+                "position_ids": position_ids,
+            }
+            causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if self.has_sliding_layers:
+                causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        gate_weights = []
+        for layer_index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            if cli_features is not None and str(layer_index) in self.agf:
+                hidden_states, gates = self.agf[str(layer_index)](
+                    hidden_states,
+                    cli_features.to(hidden_states.device),
+                    tuple(index.to(hidden_states.device) for index in image_positions),
+                    context_mask.to(hidden_states.device),
+                )
+                gate_weights.append(gates)
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask_mapping[self.config.layer_types[layer_index]],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return CLITextModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            gate_weights=torch.stack([g.to(gate_weights[0].device) for g in gate_weights])
+            if output_gate_weights and gate_weights
+            else None,
+        )
+
+
+class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
+    """LLaVA-OneVision with AMP (`self.amp`) and a decoder that carries AGF (`self.language_model.agf`)."""
+
+    def __init__(self, config: CLIConfig):
+        CLIPreTrainedModel.__init__(self, config)
+        if config.text_config.model_type != "qwen2":
+            raise ValueError(f"CLI needs a Qwen2 language model, got text_config.model_type={config.text_config.model_type!r}.")
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
+        embed_std = 1 / math.sqrt(config.text_config.hidden_size)
+        self.image_newline = nn.Parameter(torch.randn(config.text_config.hidden_size, dtype=self.dtype) * embed_std)
+        self.vocab_size = config.text_config.vocab_size
+        self.language_model = CLITextModel(config.text_config, config)
+        self.amp = CLIAdaptiveMultiProjection(config)
+        self.post_init()
+
+    def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
+        """
+        LLaVA-NeXT's packing (unpad by truncation, see `unpadded_grid_shape`; the `anyres_max_N` down-interpolation;
+        one `image_newline` per row; the base view first).
+
+        Args:
+            image_features (`list[torch.Tensor]`): per image, `(num_crops, patches_per_crop, channels)`.
+            image_sizes (`torch.Tensor` of shape `(num_images, 2)`): original `(height, width)` of each image.
+            image_newline (`torch.Tensor` of shape `(channels,)`, *optional*): the row separator.
+            vision_aspect_ratio (`str`): `"anyres_max_N"`.
+
+        Returns:
+            `(list[torch.Tensor], torch.LongTensor)`: per image `(num_image_tokens, channels)`, and the token counts.
+        """
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        max_num_crops = int(vision_aspect_ratio.removeprefix("anyres_max_"))
+        packed = []
+        for image_feature, image_size in zip(image_features, image_sizes):
+            base_feature = image_feature[0]
+            if image_feature.shape[0] == 1:
+                rows = [base_feature] if image_newline is None else [base_feature, image_newline[None].to(base_feature)]
+                packed.append(torch.cat(rows, dim=0))
+                continue
+            if base_feature.shape[0] != side * side:
+                raise ValueError(f"Expected {side * side} patches per crop, got {base_feature.shape[0]}.")
+            grid_height, grid_width = get_anyres_image_grid_shape(
+                image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size
+            )
+            grid = image_feature[1:].view(grid_height, grid_width, side, side, -1)
+            grid = grid.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (channels, rows, cols)
+            original_height, original_width = (int(x) for x in image_size)
+            kept_height, kept_width = unpadded_grid_shape(original_height, original_width, *grid.shape[1:])
+            top, left = (grid.shape[1] - kept_height) // 2, (grid.shape[2] - kept_width) // 2
+            grid = grid[:, top : top + kept_height, left : left + kept_width]
+            ratio = math.sqrt(kept_height * kept_width / (max_num_crops * side**2))
+            if ratio > 1.1:
+                grid = nn.functional.interpolate(
+                    grid[None], [int(kept_height // ratio), int(kept_width // ratio)], mode="bilinear"
+                )[0]
+            if image_newline is not None:
+                newline = image_newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid)
+                grid = torch.cat((grid, newline), dim=-1)
+            packed.append(torch.cat((base_feature, grid.flatten(1, 2).transpose(0, 1)), dim=0))
+        feature_lens = torch.tensor([feature.shape[0] for feature in packed], dtype=torch.long)
+        return packed, feature_lens.to(image_features[0].device)
+
+    @merge_with_config_defaults
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        vision_aspect_ratio: str | None = None,
+        batch_num_images: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> CLIImageFeaturesOutput:
+        r"""
+        One vision-tower pass; the baseline features of `vision_feature_layer` and the AMP features of every extraction
+        layer are projected in one batched call and packed together.
+
+        pixel_values (`torch.Tensor` of shape `(num_images, max_crops, 3, H, W)` or `(total_crops, 3, H, W)`)
+        image_sizes (`torch.Tensor` of shape `(num_images, 2)`): original `(height, width)`.
+        batch_num_images (`torch.LongTensor` of shape `(batch_size,)`, *optional*): images per sample; a sample with
+            several images uses the base view of each (LLaVA-OV's multi-image mode).
+
+        Returns:
+            [`CLIImageFeaturesOutput`] with `pooler_output` (`[image] -> (tokens, hidden)`) and `deepstack_features`
+            (`[layer][image] -> (tokens, hidden)`).
+        """
+        if batch_num_images is None:
+            crops_per_image = [
+                image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+                for size in image_sizes
+            ]
+        else:
+            crops_per_image = [
+                image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+                if num == 1
+                else 1
+                for size, num in zip(image_sizes, (n for n in batch_num_images for _ in range(n)))
+            ]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([crops[:num] for crops, num in zip(pixel_values, crops_per_image)], dim=0)
+        elif pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must have 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}.")
+
+        num_vision_layers = self.config.vision_config.num_hidden_layers
+        base_layer = vision_feature_layer % (num_vision_layers + 1)
+        layers = [base_layer] + [k for k in self.config.vision_extraction_layers if k != base_layer]
+        kwargs.pop("output_hidden_states", None)
+        vision_outputs = self.vision_tower(pixel_values, output_hidden_states=layers, return_dict=True, **kwargs)
+
+        stacked = torch.stack([vision_outputs.hidden_states[layer] for layer in layers])  # (L, crops, patches, d_v)
+        if vision_feature_select_strategy == "default":
+            stacked = stacked[:, :, 1:]
+        projected = self.multi_modal_projector(stacked)
+        position = {layer: i for i, layer in enumerate(layers)}
+        extraction = [position[k] for k in self.config.vision_extraction_layers]
+        num_layers, num_crops, num_patches, _ = stacked.shape
+        amp_features = self.amp(
+            stacked[extraction].flatten(1, 2), projected[extraction].flatten(1, 2)
+        ).view(len(extraction), num_crops, num_patches, -1)
+
+        # pack baseline + K AMP features in one pass: concatenate along channels, pack, split back
+        all_features = torch.cat((projected[:1], amp_features), dim=0)
+        all_features = all_features.permute(1, 2, 0, 3).flatten(2, 3)  # (crops, patches, (K + 1) * d)
+        newline = self.image_newline.repeat(len(extraction) + 1)
+        packed, _ = self.pack_image_features(
+            torch.split(all_features, crops_per_image, dim=0), image_sizes, newline, vision_aspect_ratio
+        )
+        packed = [feature.view(feature.shape[0], len(extraction) + 1, -1) for feature in packed]
+        return CLIImageFeaturesOutput(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=[feature[:, 0] for feature in packed],
+            deepstack_features=[[feature[:, 1 + k] for feature in packed] for k in range(len(extraction))],
+        )
+
+    def get_video_features(self, *args, **kwargs):
+        raise ValueError("CLI injects image features only; video inputs (`pixel_values_videos`) are not supported.")
+
+    @merge_with_config_defaults
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        vision_aspect_ratio: str | None = None,
+        batch_num_images: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        mm_encoder_outputs: dict | None = None,
+        labels: torch.LongTensor | None = None,
+        output_gate_weights: bool | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CLIModelOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
+            Only read to keep training targets (`labels != -100`) out of AGF's context attention.
+        output_gate_weights (`bool`, *optional*):
+            Return AGF's gates `(num_injection_layers, batch_size, num_extraction_layers)` as `gate_weights`.
+        mm_encoder_outputs (`dict[str, CLIImageFeaturesOutput]`, *optional*):
+            Pre-encoded images (`generate()` encodes them once, before prefill).
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if pixel_values_videos is not None or (mm_encoder_outputs or {}).get("video") is not None:
+            self.get_video_features()
+        if pixel_values is not None and (mm_encoder_outputs or {}).get("image") is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs['image'].")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if image_outputs is None and pixel_values is not None:
+            if image_sizes is None:
+                raise ValueError("`pixel_values` needs `image_sizes` (the original (height, width) of each image).")
+            image_outputs = self.get_image_features(
+                pixel_values,
+                image_sizes,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                vision_aspect_ratio=vision_aspect_ratio,
+                batch_num_images=batch_num_images,
+            )
+
+        cli_features = image_positions = context_mask = None
+        if image_outputs is not None:
+            image_features = torch.cat(list(image_outputs.pooler_output), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask, _ = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds)
+            image_mask = image_mask[..., 0]
+            num_image_tokens = int(image_mask.sum())
+            if num_image_tokens != image_features.shape[0]:
+                raise ValueError(
+                    f"The prompt holds {num_image_tokens} image tokens (id {self.config.image_token_id}) but the images "
+                    f"give {image_features.shape[0]} features. Build the prompt with the CLI processor, which expands "
+                    "each `<image>` to its feature count; pixel values need a prompt with their image tokens."
+                )
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise ValueError(
+                    "Image tokens must be prefilled in one forward pass from an empty cache: CLI's gates read the whole "
+                    "prompt at every injection layer, so chunked prefill with images cannot be exact."
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features)
+            cli_features = torch.stack([torch.cat(list(layer), dim=0) for layer in image_outputs.deepstack_features])
+            image_positions = image_mask.nonzero(as_tuple=True)
+            context_mask = torch.ones_like(image_mask)
+            if attention_mask is not None and attention_mask.dim() == 2:
+                context_mask = attention_mask[:, -image_mask.shape[1] :].bool()
+            if labels is not None:
+                context_mask = context_mask & (labels.to(context_mask.device) == -100)
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cli_features=cli_features,
+            image_positions=image_positions,
+            context_mask=context_mask,
+            output_gate_weights=bool(output_gate_weights),
+            **kwargs,
+        )
+        return CLIModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features if image_outputs is not None else None,
+            gate_weights=outputs.gate_weights,
+        )
+
+
+class CLIForConditionalGeneration(CLIPreTrainedModel, LlavaOnevisionForConditionalGeneration):
+    """CLI with a language-modeling head; `generate()`, the pipeline and the Trainer work as for LLaVA-OneVision."""
+
+    def __init__(self, config: CLIConfig):
+        CLIPreTrainedModel.__init__(self, config)
+        self.model = CLIModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_video_features(self, *args, **kwargs):
+        return self.model.get_video_features()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        vision_aspect_ratio: str | None = None,
+        batch_num_images: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict | None = None,
+        output_gate_weights: bool | None = None,
+        **kwargs,
+    ) -> CLICausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
+            Language-modeling targets (`-100` = ignored); supervised positions are also kept out of AGF's context.
+        output_gate_weights (`bool`, *optional*):
+            Return AGF's gates `(num_injection_layers, batch_size, num_extraction_layers)` as `gate_weights`.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            vision_aspect_ratio=vision_aspect_ratio,
+            batch_num_images=batch_num_images,
+            use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
+            labels=labels,
+            output_gate_weights=output_gate_weights,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return CLICausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            gate_weights=outputs.gate_weights,
+        )
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration=True):
+        chunk_size = generation_config.prefill_chunk_size
+        has_images = model_kwargs.get("pixel_values") is not None or (
+            (model_kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        )
+        if chunk_size is not None and has_images and is_first_iteration and input_ids.shape[-1] > chunk_size:
+            raise ValueError(
+                f"prefill_chunk_size={chunk_size} cannot be used with images: CLI's gates read the whole prompt's hidden "
+                "states at every injection layer, so a prompt with images is prefilled in one pass. Pass "
+                "prefill_chunk_size=None (text-only prompts may be chunked)."
+            )
+        return super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=is_first_iteration)
+
+
+# `save_pretrained` copies this file and its relative imports; the config's `auto_map` names every auto class.
+CLIForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = ["CLIForConditionalGeneration", "CLIModel", "CLIPreTrainedModel", "CLITextModel"]
