@@ -121,37 +121,47 @@ class CLIAdaptiveMultiProjection(nn.Module):
 
 class CLISingleQueryAttention(nn.Module):
     """
-    Multi-head attention of a single learned query over a set of tokens, computed in folded form.
+    Multi-head attention of a single learned query over sets of tokens, computed in folded form.
 
     With one query `q`, per head `h`: `softmax(Q_h K_h^T / sqrt(d_h)) V_h = W_v[h] (a_h^T X) + b_v[h]`, where the
-    scores are `a_h = softmax(X u_h)` with `u_h = W_k[h]^T Q_h / sqrt(d_h)` (the key bias shifts every score by the
-    same amount and cancels in the softmax). Pooling `X` before the value projection costs `O(tokens * d * heads)`
-    instead of `O(tokens * d^2)` and is exact. The projections are named `query/key/value/output` rather than
-    `q_proj/...` so that PEFT target lists for the LLM's attention do not wrap them (the folded form reads the weights).
+    scores are `a_h = softmax(X u_h + Q_h . b_k[h] / sqrt(d_h))` with `u_h = W_k[h]^T Q_h / sqrt(d_h)`. Pooling `X`
+    before the value projection costs `O(tokens * d * heads)` instead of `O(tokens * d^2)` and is exact.
+
+    The weights follow `nn.Linear` (`y = x W^T + b`) but are held directly (no `nn.Linear` children) because the folded
+    form reads them outside a child's forward: this keeps accelerate's offloading hooks (which load a module's own
+    tensors when its forward runs) and PEFT's `q_proj`-style target lists away from them.
     """
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
-        self.query = nn.Linear(hidden_size, hidden_size)
-        self.key = nn.Linear(hidden_size, hidden_size)
-        self.value = nn.Linear(hidden_size, hidden_size)
-        self.output = nn.Linear(hidden_size, hidden_size)
+        for name in ("query", "key", "value", "output"):
+            setattr(self, f"{name}_weight", nn.Parameter(torch.empty(hidden_size, hidden_size)))
+            setattr(self, f"{name}_bias", nn.Parameter(torch.zeros(hidden_size)))
 
-    def folded_query(self, query_vector: torch.Tensor) -> torch.Tensor:
-        """`(hidden_size,)` query -> `(hidden_size, num_heads)` matrix `u` such that the scores are `X @ u`."""
-        query = self.query(query_vector).view(self.num_heads, self.head_dim) * self.head_dim**-0.5
-        key_weight = self.key.weight.view(self.num_heads, self.head_dim, -1)
-        return torch.einsum("hc,hcd->dh", query, key_weight)
+    def forward(self, query_vector: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            query_vector: `(hidden_size,)`, the learned query.
+            tokens: `(*batch, num_tokens, hidden_size)`.
+            token_mask: bool, broadcastable to `(*batch, num_groups, num_tokens)`: row `m` says which tokens group `m`
+                attends to (each group must have at least one token, or its output is meaningless).
 
-    def project_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
-        """`(..., num_heads, hidden_size)` attention-pooled tokens -> `(..., hidden_size)` attention output."""
-        value_weight = self.value.weight.view(self.num_heads, self.head_dim, -1)
-        values = torch.einsum("...hd,hcd->...hc", pooled, value_weight) + self.value.bias.view(
-            self.num_heads, self.head_dim
-        )
-        return self.output(values.flatten(-2))
+        Returns:
+            `(*batch, num_groups, hidden_size)`, the attention output of every group.
+        """
+        heads, head_dim = self.num_heads, self.head_dim
+        query = (query_vector @ self.query_weight.T + self.query_bias).view(heads, head_dim) * head_dim**-0.5
+        folded_keys = torch.einsum("hc,hcd->dh", query, self.key_weight.view(heads, head_dim, -1))
+        key_bias_shift = (query * self.key_bias.view(heads, head_dim)).sum(-1)  # constant per head: cancels exactly
+        scores = (torch.matmul(tokens, folded_keys) + key_bias_shift).transpose(-1, -2).unsqueeze(-3)
+        scores = scores.float().masked_fill(~token_mask.unsqueeze(-2), torch.finfo(torch.float32).min)
+        weights = scores.softmax(dim=-1).to(tokens.dtype)  # (*batch, groups, heads, tokens)
+        pooled = torch.matmul(weights.flatten(-3, -2), tokens).unflatten(-2, (-1, heads))  # (*batch, groups, heads, d)
+        values = torch.einsum("...hd,hcd->...hc", pooled, self.value_weight.view(heads, head_dim, -1))
+        values = values + self.value_bias.view(heads, head_dim)
+        return values.flatten(-2) @ self.output_weight.T + self.output_bias
 
 
 class CLIAdaptiveGatingFusion(nn.Module):
@@ -189,37 +199,58 @@ class CLIAdaptiveGatingFusion(nn.Module):
             The injected hidden states `(batch, seq_len, hidden_size)` and the gates `(batch, K)` (zero for samples
             without image tokens).
         """
-        batch_size = hidden_states.shape[0]
         sample_index, seq_index = image_positions
-        num_layers, num_tokens, _ = layer_features.shape
-        min_value = torch.finfo(torch.float32).min
-
-        # s_k: one query over each sample's image tokens of each layer, batched as a (K, heads, batch, tokens) softmax
-        token_in_sample = sample_index[None, :] == torch.arange(batch_size, device=sample_index.device)[:, None]
-        scores = torch.matmul(layer_features, self.vision_attention.folded_query(self.vision_query))
-        scores = scores.transpose(1, 2).unsqueeze(2).float().masked_fill(~token_in_sample, min_value)
-        weights = scores.softmax(dim=-1).to(layer_features.dtype)  # (K, heads, batch, tokens)
-        pooled = torch.matmul(weights.flatten(1, 2), layer_features)
-        pooled = pooled.view(num_layers, -1, batch_size, pooled.shape[-1]).transpose(1, 2)
-        vision_summary = self.vision_attention.project_pooled(pooled)  # (K, batch, hidden)
-
-        # s_h: one query over each sample's context positions
-        context_scores = torch.matmul(hidden_states, self.context_attention.folded_query(self.context_query))
-        context_scores = context_scores.float().masked_fill(~context_mask[..., None], min_value)
-        context_weights = context_scores.softmax(dim=1).to(hidden_states.dtype)  # (batch, seq, heads)
-        context_summary = self.context_attention.project_pooled(torch.matmul(context_weights.transpose(1, 2), hidden_states))
+        samples = torch.arange(hidden_states.shape[0], device=sample_index.device)
+        token_in_sample = sample_index[None, :] == samples[:, None]  # (batch, num_image_tokens)
+        vision_summary = self.vision_attention(self.vision_query, layer_features, token_in_sample)  # (K, batch, d)
+        context_summary = self.context_attention(self.context_query, hidden_states, context_mask[:, None])[:, 0]
 
         vision_gate_weight, context_gate_weight = self.gate_weight.chunk(2)
         gates = torch.tanh(
-            torch.matmul(vision_summary, vision_gate_weight).transpose(0, 1)
-            + torch.matmul(context_summary, context_gate_weight)[:, None]
-            + self.gate_bias
+            (vision_summary @ vision_gate_weight).T + (context_summary @ context_gate_weight)[:, None] + self.gate_bias
         )  # (batch, K)
         gates = gates * token_in_sample.any(dim=-1, keepdim=True)
 
         injection = torch.einsum("nk,knd->nd", gates[sample_index].to(layer_features.dtype), layer_features)
-        hidden_states = hidden_states.index_put((sample_index, seq_index), injection.to(hidden_states.dtype), accumulate=True)
+        hidden_states = hidden_states.index_put(
+            (sample_index, seq_index), injection.to(hidden_states.dtype), accumulate=True
+        )
         return hidden_states, gates
+
+
+def attended_positions(attention_mask, shape: tuple[int, int]) -> torch.Tensor:
+    """
+    `(batch, seq_len)` bool mask of the non-padding positions of a prompt prefilled from an empty cache.
+
+    `attention_mask` is what the model received: `None`, a 2D padding mask, or the 4D masks (or the dict of them per
+    layer type) that `generate()` pre-builds for static caches, where the last query row tells which keys are attended.
+    """
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("full_attention")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        return attention_mask[:, -shape[1] :].bool()
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        last_row = attention_mask[:, 0, -1, : shape[1]]
+        return last_row if last_row.dtype == torch.bool else last_row == 0
+    return torch.ones(shape, dtype=torch.bool)
+
+
+def init_cli_module(module: nn.Module, std: float) -> None:
+    """Initialises AMP and AGF so that a fresh CLI model computes exactly its base LLaVA-OneVision."""
+    if isinstance(module, CLIAdaptiveMultiProjection):
+        # the LoRA convention: A like nn.Linear's default, B zero (so the branch starts at zero)
+        init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
+        init.zeros_(module.lora_B)
+    elif isinstance(module, CLISingleQueryAttention):
+        for name in ("query", "key", "value", "output"):
+            init.normal_(getattr(module, f"{name}_weight"), mean=0.0, std=std)
+            init.zeros_(getattr(module, f"{name}_bias"))
+    elif isinstance(module, CLIAdaptiveGatingFusion):
+        query_std = 1 / math.sqrt(module.vision_query.shape[0])
+        init.normal_(module.vision_query, mean=0.0, std=query_std)
+        init.normal_(module.context_query, mean=0.0, std=query_std)
+        init.zeros_(module.gate_weight)
+        init.zeros_(module.gate_bias)
 
 
 class CLIPreTrainedModel(LlavaOnevisionPreTrainedModel):
@@ -230,16 +261,7 @@ class CLIPreTrainedModel(LlavaOnevisionPreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, CLIAdaptiveMultiProjection):
-            # the LoRA convention: A like nn.Linear's default, B zero (so the branch starts at zero)
-            init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
-            init.zeros_(module.lora_B)
-        elif isinstance(module, CLIAdaptiveGatingFusion):
-            std = 1 / math.sqrt(module.vision_query.shape[0])
-            init.normal_(module.vision_query, mean=0.0, std=std)
-            init.normal_(module.context_query, mean=0.0, std=std)
-            init.zeros_(module.gate_weight)
-            init.zeros_(module.gate_bias)
+        init_cli_module(module, getattr(self.config.get_text_config(), "initializer_range", 0.02))
 
 
 class CLITextModel(Qwen2Model):
@@ -253,6 +275,12 @@ class CLITextModel(Qwen2Model):
             {str(layer): CLIAdaptiveGatingFusion(cli_config) for layer in cli_config.llm_injection_layers}
         )
         self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # a sub-model initialises its own subtree (`smart_apply`), so the AGF modules are initialised here
+        super()._init_weights(module)
+        init_cli_module(module, self.config.initializer_range)
 
     @merge_with_config_defaults
     @capture_outputs
@@ -544,9 +572,7 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
             inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features)
             cli_features = torch.stack([torch.cat(list(layer), dim=0) for layer in image_outputs.deepstack_features])
             image_positions = image_mask.nonzero(as_tuple=True)
-            context_mask = torch.ones_like(image_mask)
-            if attention_mask is not None and attention_mask.dim() == 2:
-                context_mask = attention_mask[:, -image_mask.shape[1] :].bool()
+            context_mask = attended_positions(attention_mask, image_mask.shape)
             if labels is not None:
                 context_mask = context_mask & (labels.to(context_mask.device) == -100)
 

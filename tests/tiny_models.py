@@ -77,9 +77,11 @@ def native_twin(cli_model) -> LlavaOnevisionForConditionalGeneration:
 
 
 def randomize_cli_modules(model, seed: int = 1, scale: float = 0.5) -> None:
-    """Gives AMP's B and AGF's gate parameters non-zero values so that the injection really runs."""
+    """Gives AMP's B, AGF's gates and attention biases non-zero values so that the injection really runs."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("amp.lora_B") or name.endswith("gate_weight") or name.endswith("gate_bias"):
+            if name.endswith(("amp.lora_B", "gate_weight", "gate_bias")):
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
+            elif ".agf." in name and name.endswith("_bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
