@@ -598,6 +598,16 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
         )
 
 
+def format_parameter_summary(summary: dict[str, tuple[int, int]]) -> str:
+    """A table of `{group: (trainable, total)}` parameter counts."""
+    lines = [f"{'group':<14}{'trainable':>16}{'total':>16}"]
+    for group, (trainable, total) in summary.items():
+        lines.append(f"{group:<14}{trainable:>16,}{total:>16,}")
+    trainable, total = (sum(counts[i] for counts in summary.values()) for i in (0, 1))
+    lines.append(f"{'all':<14}{trainable:>16,}{total:>16,}  ({100 * trainable / max(total, 1):.3f}% trainable)")
+    return "\n".join(lines)
+
+
 class CLIForConditionalGeneration(CLIPreTrainedModel, LlavaOnevisionForConditionalGeneration):
     """CLI with a language-modeling head; `generate()`, the pipeline and the Trainer work as for LLaVA-OneVision."""
 
@@ -609,6 +619,46 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, LlavaOnevisionForCondition
 
     def get_video_features(self, *args, **kwargs):
         return self.model.get_video_features()
+
+    TRAINABLE_CHOICES = {
+        "cli": ("amp", "agf"),
+        "cli+projector": ("amp", "agf", "projector"),
+        "cli+llm": ("amp", "agf", "llm"),
+        "all": ("amp", "agf", "projector", "llm", "vision_tower"),
+    }
+
+    def parameter_group(self, name: str) -> str:
+        """The group of a parameter name: `vision_tower`, `projector` (+ `image_newline`), `amp`, `agf` or `llm`."""
+        if name.startswith("model.amp."):
+            return "amp"
+        if name.startswith("model.language_model.agf."):
+            return "agf"
+        if name.startswith("model.vision_tower."):
+            return "vision_tower"
+        if name.startswith(("model.multi_modal_projector.", "model.image_newline")):
+            return "projector"
+        return "llm"
+
+    def set_trainable(self, what: str = "cli", verbose: bool = True) -> dict[str, tuple[int, int]]:
+        """
+        Chooses what trains: `"cli"` (AMP + AGF only: the parameter-efficient upgrade, base model frozen),
+        `"cli+projector"`, `"cli+llm"` (also the language model and its head) or `"all"`.
+
+        Returns `{group: (trainable, total)}` parameter counts per group and, with `verbose`, prints them.
+        """
+        if what not in self.TRAINABLE_CHOICES:
+            raise ValueError(f"set_trainable({what!r}): choose one of {sorted(self.TRAINABLE_CHOICES)}.")
+        groups = self.TRAINABLE_CHOICES[what]
+        summary = {group: [0, 0] for group in ("vision_tower", "projector", "amp", "agf", "llm")}
+        for name, param in self.named_parameters():
+            group = self.parameter_group(name)
+            param.requires_grad_(group in groups)
+            summary[group][1] += param.numel()
+            summary[group][0] += param.numel() if group in groups else 0
+        summary = {group: tuple(counts) for group, counts in summary.items()}
+        if verbose:
+            print(format_parameter_summary(summary))
+        return summary
 
     @can_return_tuple
     def forward(

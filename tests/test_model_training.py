@@ -129,3 +129,20 @@ def test_image_tokens_sampled_at_decode_embed_as_plain_tokens(trained):
         prefill = cli(**inputs, use_cache=True)
         step = cli(input_ids=torch.tensor([[IMAGE_TOKEN_ID]]), past_key_values=prefill.past_key_values)
     assert torch.isfinite(step.logits).all()
+
+
+def test_set_trainable_selects_parameter_groups():
+    cli = tiny_cli_model(seed=24)
+    summary = cli.set_trainable("cli", verbose=False)
+    for name, param in cli.named_parameters():
+        assert param.requires_grad == any(marker in name for marker in CLI_PARAMETER_MARKERS), name
+    assert summary["vision_tower"][0] == summary["llm"][0] == summary["projector"][0] == 0
+    assert summary["amp"][0] == summary["amp"][1] == cli.model.amp.lora_A.numel() + cli.model.amp.lora_B.numel()
+    assert sum(total for _, total in summary.values()) == sum(p.numel() for p in cli.parameters())
+    summary = cli.set_trainable("cli+llm", verbose=False)
+    assert summary["llm"][0] == summary["llm"][1] > 0 and summary["vision_tower"][0] == 0
+    assert cli.lm_head.weight.requires_grad and not cli.model.multi_modal_projector.linear_1.weight.requires_grad
+    summary = cli.set_trainable("all", verbose=False)
+    assert all(param.requires_grad for param in cli.parameters())
+    with pytest.raises(ValueError, match=r"set_trainable\('lora'\): choose one of"):
+        cli.set_trainable("lora")
