@@ -233,7 +233,7 @@ def test_image_processor_defaults():
     assert image_processor.image_grid_pinpoints == PINPOINTS and len(PINPOINTS) == 36
     assert image_processor.rescale_factor == pytest.approx(1 / 255)
     assert image_processor.do_pad and image_processor.do_convert_rgb and image_processor.do_normalize
-    assert "torchvision" not in sys.modules
+    assert image_processor.backend == "pil"  # PIL/NumPy backend: no torchvision needed
     processor = CLIProcessor(image_processor, build_tiny_qwen2_tokenizer())
     assert processor.get_attributes() == ["image_processor", "tokenizer"]
     assert processor.chat_template == CLI_CHAT_TEMPLATE
@@ -315,6 +315,19 @@ def test_batch_mixing_single_and_multi_image_matches_transformers(processor, ref
     for key in ("pixel_values", "image_sizes", "input_ids", "attention_mask", "batch_num_images"):
         assert torch.equal(ours[key], theirs[key]), key
     assert ours["batch_num_images"].tolist() == [1, 2]
+
+
+def test_batch_with_a_text_only_prompt(processor, reference):
+    conversations = [
+        [{"role": "user", "content": [{"type": "image", "image": random_image(50, 40)}, {"type": "text", "text": "?"}]}],
+        [{"role": "user", "content": "Text only."}],
+    ]
+    kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    ours = processor.apply_chat_template(conversations, processor_kwargs={"padding": True}, **kwargs)
+    theirs = reference.apply_chat_template(conversations, processor_kwargs={"padding": True}, **kwargs)
+    assert ours["batch_num_images"].tolist() == [1] and ours["pixel_values"].shape[0] == 1
+    for key in ("pixel_values", "image_sizes", "input_ids", "attention_mask", "batch_num_images"):
+        assert torch.equal(ours[key], theirs[key]), key
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "PA", "CMYK", "I;16", "1", "RGB"])

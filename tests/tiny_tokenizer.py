@@ -8,7 +8,7 @@ and `<video>` added the way LLaVA-NeXT adds them (special, not normalised, not s
 length when added, as 151646 is for Qwen2). It does not depend on `processing_cli`, so tests can check the processor
 against it.
 
-    from tests.tiny_tokenizer import build_tiny_qwen2_tokenizer
+    from tiny_tokenizer import build_tiny_qwen2_tokenizer  # in tests (pytest puts tests/ on sys.path)
     tokenizer = build_tiny_qwen2_tokenizer()             # a `transformers.Qwen2Tokenizer`
     tokenizer = build_tiny_qwen2_tokenizer("some/dir")   # also saved there (AutoTokenizer.from_pretrained works)
 """
