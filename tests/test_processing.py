@@ -592,3 +592,13 @@ def test_video_content_is_refused(processor):
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}]
     with pytest.raises(Exception, match="images only"):
         processor.apply_chat_template(messages)
+
+
+def test_paths_are_not_exif_rotated_like_llava_next(processor, tmp_path):
+    image = random_image(20, 60)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    path = tmp_path / "rotated.png"
+    image.save(path, exif=exif)
+    out = processor(images=str(path), text=prompt(), return_tensors="pt")
+    assert out["image_sizes"].tolist() == [[20, 60]]  # as stored, like Image.open(path).convert("RGB")
