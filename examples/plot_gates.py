@@ -1,0 +1,71 @@
+"""
+Heat map of CLI's gate weights (LLM injection layer x vision extraction layer): the paper's "criss-cross" picture of
+which vision layers each LLM layer draws on.
+
+    python examples/plot_gates.py --model PATH_OR_REPO --images a.jpg b.png --question "What is shown?" --output gates.png
+
+Needs matplotlib (`pip install -e ".[plot]"`).
+"""
+
+import argparse
+
+import torch
+from PIL import Image
+
+
+def gate_weights_for(model, processor, image, question: str) -> torch.Tensor:
+    """Gates `(num_injection_layers, num_extraction_layers)` of one image + question, from the prefill pass."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        output = model(**inputs, output_gate_weights=True)
+    return output.gate_weights[:, 0].float().cpu()
+
+
+def save_gate_heatmap(gates: torch.Tensor, config, path: str, title: str = "CLI gate weights") -> str:
+    """Writes `gates` `(J, K)` as a PNG heat map with the layer indices of `config` on the axes; returns `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    limit = max(float(gates.abs().max()), 1e-6)
+    figure, axes = plt.subplots(figsize=(1.2 + 0.6 * gates.shape[1], 1.2 + 0.5 * gates.shape[0]))
+    image = axes.imshow(gates.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    axes.set_xticks(range(gates.shape[1]), [str(k) for k in config.vision_extraction_layers])
+    axes.set_yticks(range(gates.shape[0]), [str(j) for j in config.llm_injection_layers])
+    axes.set_xlabel("vision extraction layer k")
+    axes.set_ylabel("LLM injection layer j")
+    axes.set_title(title)
+    for row in range(gates.shape[0]):
+        for column in range(gates.shape[1]):
+            axes.text(column, row, f"{gates[row, column]:.2f}", ha="center", va="center", fontsize=7)
+    figure.colorbar(image, ax=axes, label="g = tanh(...)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a CLI checkpoint folder or Hub repo id")
+    parser.add_argument("--images", nargs="+", required=True, help="image files; the map averages over them")
+    parser.add_argument("--question", default="Describe the image.")
+    parser.add_argument("--output", default="cli_gates.png")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    gates = torch.stack(
+        [gate_weights_for(model, processor, Image.open(path), args.question) for path in args.images]
+    ).mean(0)
+    title = f"CLI gates, mean over {len(args.images)} image(s)"
+    print(f"wrote {save_gate_heatmap(gates, model.config, args.output, title)}")
+
+
+if __name__ == "__main__":
+    main()
