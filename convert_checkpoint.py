@@ -171,10 +171,13 @@ def load_json_arg(value: str, what: str):
         raise ConversionError(f"{what}: invalid JSON in {value!r}: {error}") from None
 
 
+_NUMBER = re.compile(r"(?<=[.\[])\d+(?=[.\[\] ]|$)")  # a layer number: '.12.', '.12' at the end, a slot '[12]'
+
+
 def collapse_numbers(name: str) -> tuple[str, tuple[int, ...]]:
     """'model.layers.12.mlp.weight' -> ('model.layers.N.mlp.weight', (12,)): layer numbers collapsed to N."""
-    numbers = tuple(int(n) for n in re.findall(r"(?<=\.)\d+(?=\.|$|\[)", name))
-    return re.sub(r"(?<=\.)\d+(?=\.|$|\[)", "N", name), numbers
+    numbers = tuple(int(n) for n in re.findall(_NUMBER, name))
+    return re.sub(_NUMBER, "N", name), numbers
 
 
 def compact_ints(values) -> str:
@@ -278,7 +281,8 @@ def list_source_tensors(src: Path) -> tuple[dict[str, SourceTensor], list[str]]:
         pickles = sorted(p.name for p in src.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if pickles:
             raise ConversionError(
-                f"{src} holds only pickle weight files ({', '.join(pickles[:4])}{', ...' if len(pickles) > 4 else ''}). "
+                f"{src} holds only pickle weight files ({', '.join(pickles[:4])}"
+                f"{', ...' if len(pickles) > 4 else ''}). "
                 "This converter loads safetensors only, because unpickling can run arbitrary code. Convert them to "
                 "safetensors first, in an environment you trust (e.g. torch.load(..., weights_only=True) + "
                 "safetensors.torch.save_file)."
@@ -293,9 +297,13 @@ def list_source_tensors(src: Path) -> tuple[dict[str, SourceTensor], list[str]]:
                     if weight_map is not None and weight_map.get(name) != file_name:
                         continue  # the index is the truth (transformers reads only what it names)
                     if name in tensors:
-                        raise ConversionError(f"tensor {name!r} is stored twice ({tensors[name].file} and {file_name}).")
+                        raise ConversionError(
+                            f"tensor {name!r} is stored twice ({tensors[name].file} and {file_name})."
+                        )
                     tensor_slice = handle.get_slice(name)
-                    tensors[name] = SourceTensor(name, file_name, tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
+                    tensors[name] = SourceTensor(
+                        name, file_name, tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
+                    )
         except ConversionError:
             raise
         except Exception as error:
@@ -495,7 +503,8 @@ def build_llava_hf_config(source_config: dict, args, vision_overrides: dict | No
     if vision_overrides:
         base["vision_config"] = {**base["vision_config"], **vision_overrides}
     if base.get("text_config", {}).get("model_type") != "qwen2":
-        raise ConversionError(f"CLI needs a Qwen2 language model, got {base.get('text_config', {}).get('model_type')!r}.")
+        text_type = base.get("text_config", {}).get("model_type")
+        raise ConversionError(f"CLI needs a Qwen2 language model, got {text_type!r}.")
     try:
         return CLIConfig(**base, **_cli_settings(args, source_config))
     except (TypeError, ValueError) as error:
@@ -533,7 +542,8 @@ def load_key_map(value: str | None) -> list[Rule]:
         )
         if not valid:
             raise ConversionError(
-                f"--key-map rule #{i}: the replacement must be a string, a list of strings or null, got {replacement!r}."
+                f"--key-map rule #{i}: the replacement must be a string, a list of strings or null, "
+                f"got {replacement!r}."
             )
         try:
             pattern = re.compile(regex)
@@ -647,7 +657,8 @@ def plan_conversion(src: Path, args, sources: dict, files: list, layout: str, co
     all_rules = rules + [Rule(name, re.compile(regex), repl) for name, regex, repl in builtin]
     plan = Plan(src, layout, config, sources, files, targets, all_rules, seed=args.seed)
     problems = defaultdict(list)
-    unknown, unexpected, bad = [], [], []
+    unknown, unexpected, mismatched, bad = [], [], [], []
+    reported = set()  # targets already in a problem list (not reported missing again)
 
     for tensor in sources.values():
         rule = next((r for r in all_rules if r.pattern.fullmatch(tensor.name)), None)
@@ -661,7 +672,8 @@ def plan_conversion(src: Path, args, sources: dict, files: list, layout: str, co
         if tensor.name == "lm_head.weight" or rule.replacement == "lm_head.weight":
             if config.tie_word_embeddings:
                 # transformers (and the fork, which loads through it) ties lm_head to the embeddings and ignores it
-                plan.dropped.append((tensor.name, Rule("tied to embed_tokens (tie_word_embeddings)", rule.pattern, None)))
+                tied = Rule("tied to embed_tokens (tie_word_embeddings)", rule.pattern, None)
+                plan.dropped.append((tensor.name, tied))
                 continue
         match = rule.pattern.fullmatch(tensor.name)
         replacements = rule.replacement if isinstance(rule.replacement, list) else [rule.replacement]
@@ -683,18 +695,19 @@ def plan_conversion(src: Path, args, sources: dict, files: list, layout: str, co
             if chunk is not None:
                 if not shape or shape[0] % chunk[1]:
                     bad.append(f"{tensor.name} {tuple(shape)} cannot be split into {chunk[1]} equal chunks along dim 0")
+                    reported.add(target_name)
                     continue
                 shape = (shape[0] // chunk[1], *shape[1:])
             expected = target.shape if slot is None else target.shape[1:]
             if slot is not None and not (target.shape and 0 <= slot < target.shape[0]):
                 bad.append(f"{tensor.name} -> {target_text}: slot {slot} is out of range for {target_name} "
                            f"{target.shape}")
+                reported.add(target_name)
                 continue
             if tuple(shape) != tuple(expected):
                 where = target_name if slot is None else f"{target_name}[{slot}]"
-                problems["shape mismatches (source -> target: got, expected)"].append(
-                    f"{tensor.name} -> {where}: got {tuple(shape)}, expected {tuple(expected)}"
-                )
+                mismatched.append((f"{tensor.name} -> {where}", f"got {tuple(shape)}, expected {tuple(expected)}"))
+                reported.add(target_name)
                 continue
             target.pieces.append(Piece(tensor.name, chunk, slot))
 
@@ -704,10 +717,14 @@ def plan_conversion(src: Path, args, sources: dict, files: list, layout: str, co
         ] = group_lines(unknown, indent="")
     if unexpected:
         problems["keys mapped to names our model does not have (source -> target)"] = group_lines(unexpected, indent="")
+    if mismatched:
+        problems["shape mismatches (source -> target)"] = group_lines(mismatched, indent="")
     problems["invalid --key-map results"].extend(bad)
 
     missing_base, missing_cli = [], []
     for target in targets.values():
+        if target.name in reported:
+            continue
         slots = [piece.slot for piece in target.pieces]
         whole = slots.count(None)
         if whole > 1 or (whole and len(slots) > 1) or len(set(slots)) != len(slots):
@@ -763,7 +780,7 @@ def plan_conversion(src: Path, args, sources: dict, files: list, layout: str, co
     if len(float_bytes) > 1:
         plan.notes.append(
             "source mixes floating dtypes " + ", ".join(_TORCH_TO_ST[d] for d in float_bytes) +
-            (f"; all are cast to {args.dtype}" if args.dtype != "auto" else "; each tensor keeps its own (--dtype auto)")
+            (f"; all are cast to {args.dtype}" if args.dtype != "auto" else "; each keeps its own (--dtype auto)")
         )
 
     # shards, in state-dict order
@@ -826,7 +843,8 @@ def report_plan(plan: Plan, out) -> None:
           f"{config.llm_injection_layers} amp_lora_rank={config.amp_lora_rank} amp_lora_alpha={config.amp_lora_alpha} "
           f"agf_num_heads={config.agf_num_heads}", file=out)
     vision, text = config.vision_config, config.text_config
-    print(f"  vision: {vision.num_hidden_layers} layers, hidden {vision.hidden_size}, heads {vision.num_attention_heads},"
+    print(f"  vision: {vision.num_hidden_layers} layers, hidden {vision.hidden_size}, "
+          f"heads {vision.num_attention_heads},"
           f" image {vision.image_size}/patch {vision.patch_size}; text: {text.num_hidden_layers} layers, hidden "
           f"{text.hidden_size}, vocab {text.vocab_size}, tied embeddings {config.tie_word_embeddings}; "
           f"{len(config.image_grid_pinpoints)} grid pinpoints, {config.vision_aspect_ratio}", file=out)
@@ -1080,10 +1098,11 @@ def model_card(config, base_model: str | None, source_label: str, layout: str, i
         header.append(f"base_model: {base_model}")
     header += ["tags:", "- cli", "- llava-onevision", "- image-text-to-text", "- multimodal", "- custom_code", "---"]
     vision, text = config.vision_config, config.text_config
+    layout_name = "LLaVA-NeXT / CLI fork layout" if layout == "fork" else "transformers llava-hf layout"
     if initialised:
         state = (
-            "The CLI modules (AMP LoRA, AGF gates) were **identity-initialised** by the converter: gates and LoRA B are "
-            "zero, so until it is fine-tuned this model computes exactly what its base LLaVA-OneVision computes."
+            "The CLI modules (AMP LoRA, AGF gates) were **identity-initialised** by the converter: gates and LoRA B "
+            "are zero, so until it is fine-tuned this model computes exactly what its base LLaVA-OneVision computes."
         )
     else:
         state = "The CLI modules (AMP LoRA, AGF gates) carry the trained weights of the source checkpoint."
@@ -1093,7 +1112,7 @@ def model_card(config, base_model: str | None, source_label: str, layout: str, i
 
 LLaVA-OneVision-Qwen2 with a many-to-many vision-language bridge (CLI, arXiv 2601.10710): AMP projects several vision
 layers through the shared projector plus a per-layer LoRA, and AGF gates them into several LLM decoder layers.
-Converted from `{source_label}` ({'LLaVA-NeXT / CLI fork layout' if layout == 'fork' else 'transformers llava-hf layout'})
+Converted from `{source_label}` ({layout_name})
 with `convert_checkpoint.py`. {state}
 
 ## Layer configuration

@@ -144,7 +144,8 @@ def build_source(folder: Path, size_gb: float, shard_gb: float) -> dict:
 
 def run_child(command: list[str]) -> dict:
     """Runs a child process; returns its wall time, peak RSS (MB, from wait4) and output."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, env=env, text=True)
@@ -300,7 +301,8 @@ def main(argv=None) -> int:
         print(f"\nsource {report['source_gb']} GB ({report['source_tensors']} tensors), output shards <= "
               f"{report['output_shard_size']}, {report['cpu_count']} CPUs; base weights identical: "
               f"{report['outputs_identical']}")
-        print(f"{'method':<10}{'output GB':>10}{'shards':>8}{'wall s':>9}{'convert s':>11}{'MB/s':>9}{'peak RSS MB':>13}")
+        header = f"{'method':<10}{'output GB':>10}{'shards':>8}{'wall s':>9}{'convert s':>11}{'MB/s':>9}"
+        print(header + f"{'peak RSS MB':>13}")
         for r in report["runs"]:
             print(f"{r['method']:<10}{r['output_gb']:>10}{r['output_shards']:>8}{r['wall_s']:>9}{r['core_s']:>11}"
                   f"{r['mb_per_s']:>9}{r['peak_rss_mb']:>13}")

@@ -89,11 +89,14 @@ def test_fork_fp32_single_file_matches_native(fork_fp32, untied, tmp_path):
 
     names = {p.name for p in out.iterdir()}
     for required in ("config.json", "model.safetensors", "generation_config.json", "README.md", "processor_config.json",
-                     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", *convert_checkpoint.REMOTE_CODE_FILES):
+                     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                     *convert_checkpoint.REMOTE_CODE_FILES):
         assert required in names, (required, names)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "cli" and config["auto_map"]["AutoModel"] == "modeling_cli.CLIForConditionalGeneration"
-    assert config["vision_extraction_layers"] == [1, 3, 5] and config["llm_injection_layers"] == [1, 3]  # from the source
+    assert config["model_type"] == "cli"
+    assert config["auto_map"]["AutoModel"] == "modeling_cli.CLIForConditionalGeneration"
+    # the layer lists come from the source's vision_exp_layers / vlm_exp_layers
+    assert config["vision_extraction_layers"] == [1, 3, 5] and config["llm_injection_layers"] == [1, 3]
     assert config["image_token_index"] == IMAGE_ID and config["video_token_index"] == IMAGE_ID + 1
     assert config["dtype"] == "float32"
     card = (out / "README.md").read_text()
@@ -223,7 +226,8 @@ def fork_cli_tensors(model) -> dict[str, torch.Tensor]:
             for kind in ("weight", "bias"):
                 fused = torch.cat([state[f"{prefix}{name}.{p}_{kind}"] for p in ("query", "key", "value")])
                 tensors[f"model.cli.agf.{position}.mha_{short}.in_proj_{kind}"] = fused
-                tensors[f"model.cli.agf.{position}.mha_{short}.out_proj.{kind}"] = state[f"{prefix}{name}.output_{kind}"]
+                output = state[f"{prefix}{name}.output_{kind}"]
+                tensors[f"model.cli.agf.{position}.mha_{short}.out_proj.{kind}"] = output
         tensors[f"model.cli.agf.{position}.gate_weight"] = state[prefix + "gate_weight"]
         tensors[f"model.cli.agf.{position}.gate_bias"] = state[prefix + "gate_bias"]
         tensors[f"model.cli.agf.{position}.num_updates"] = torch.tensor(1000)
@@ -280,7 +284,9 @@ def test_key_map_shape_mismatch_and_missing_slots(trained, tmp_path, capsys):
     # wrong rank: every LoRA slot mismatches
     assert run("--input", src, "--output", out, "--key-map", key_map, "--vision-config", vision_config_arg()) == 1
     err = capsys.readouterr().err
-    assert "shape mismatches" in err and "model.amp.lora_A[0]: got (4, 48), expected (16, 48)" in err
+    assert "shape mismatches" in err
+    assert re.search(r"model\.cli\.amp\.N\.lora_A\.weight -> model\.amp\.lora_A\[N\]\s+N=1,3,5 \(3\)\s+"
+                     r"got \(4, 48\), expected \(16, 48\)", err), err
     # a key map that fills only some slots (vision layer 5 is dropped): the missing slots are named
     partial = [[r"model\.cli\.amp\.5\..*", None]] + KEY_MAP
     assert run("--input", src, "--output", out, "--key-map", json.dumps(partial), "--amp-lora-rank", 4,
@@ -314,7 +320,8 @@ def test_llava_hf_checkpoint_upgrades_to_cli(untied, tmp_path, capsys, legacy):
     src = make_llava_hf_checkpoint(tmp_path / "src", untied, legacy=legacy)
     out = tmp_path / "cli"
     # no --init-cli: a llava-hf checkpoint cannot hold CLI weights, so it is implied
-    assert run("--input", src, "--output", out, "--vision-extraction-layers", "1,2", "--vlm_exp_layers", "RANGE-0-6-2") == 0
+    layers = ["--vision-extraction-layers", "1,2", "--vlm_exp_layers", "RANGE-0-6-2"]
+    assert run("--input", src, "--output", out, *layers) == 0
     assert "identity-initialised" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert config["vision_extraction_layers"] == [1, 2] and config["llm_injection_layers"] == [0, 2, 4]
@@ -334,7 +341,8 @@ def test_layer_options_and_defaults(untied, tmp_path, capsys):
     src = make_fork_checkpoint(tmp_path / "src", untied, layers=None)  # no vision_exp_layers / vlm_exp_layers
     common = ["--input", src, "--inspect", "--init-cli", "--vision-config", vision_config_arg()]
     assert run(*common) == 0
-    assert "vision_extraction_layers=[1, 5] llm_injection_layers=[1, 5]" in capsys.readouterr().out  # CLIConfig defaults
+    # CLIConfig's defaults
+    assert "vision_extraction_layers=[1, 5] llm_injection_layers=[1, 5]" in capsys.readouterr().out
     assert run(*common, "--vision_exp_layers", "RANGE-1-6-4", "--llm-injection-layers", "0,5") == 0
     assert "vision_extraction_layers=[1, 5] llm_injection_layers=[0, 5]" in capsys.readouterr().out
     assert run(*common, "--llm-injection-layers", "9") == 1
@@ -441,3 +449,31 @@ def test_benchmark_script_runs_tiny(tmp_path):
     assert all(run["peak_rss_mb"] > 0 and run["mb_per_s"] > 0 for run in report["runs"])
     assert report["outputs_identical"] is True
     assert not list(tmp_path.iterdir())  # the synthetic checkpoint is deleted at the end
+
+
+def test_hub_input_and_push_to_hub_calls(fork_fp32, tmp_path, monkeypatch):
+    """A Hub repo id goes through snapshot_download (no pickles requested); --push-to-hub is create_repo + upload."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        calls.append(("download", repo_id, allow_patterns))
+        return str(fork_fp32)
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok, private):
+            calls.append(("create_repo", repo_id, exist_ok, private))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(("upload_folder", repo_id, Path(folder_path).name))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "cli"
+    assert run("--input", "someone/cli-tiny-fork", "--output", out, "--init-cli", "--vision-config",
+               vision_config_arg(), "--push-to-hub", "me/cli-tiny", "--private") == 0
+    assert calls[0][:2] == ("download", "someone/cli-tiny-fork")
+    assert not any(pattern.endswith((".bin", ".pt", ".pth")) for pattern in calls[0][2])
+    assert calls[1:] == [("create_repo", "me/cli-tiny", True, True), ("upload_folder", "me/cli-tiny", "cli")]
+    assert "base_model: someone/cli-tiny-fork" in (out / "README.md").read_text()
