@@ -684,10 +684,10 @@ def plan_conversion(src: Path, args, sources: dict, files: list, layout: str, co
             except (ValueError, re.error, IndexError) as error:
                 bad.append(f"{tensor.name} ({rule.name}): {error}")
                 continue
-            plan.routes.append((tensor.name, target_text, rule))
+            shown = target_name if slot is None else f"{target_name}[{slot}]"
+            plan.routes.append((tensor.name, shown, rule))
             target = targets.get(target_name)
             if target is None:
-                shown = target_name if slot is None else f"{target_name}[{slot}]"
                 unexpected.append((f"{tensor.name} -> {shown}", describe(tensor.shape, tensor.dtype)))
                 continue
             chunk = (chunk_index, len(replacements)) if len(replacements) > 1 else None
@@ -815,12 +815,15 @@ def report_plan(plan: Plan, out) -> None:
     print("Planned mapping (rule: source regex -> target, tensors):", file=out)
     per_rule = Counter(rule.name for _, _, rule in plan.routes)
     seen = set()
-    for _, _, rule in plan.routes:
+    for source, target, rule in plan.routes:
         if rule.name in seen:
             continue
         seen.add(rule.name)
         replacement = rule.replacement if isinstance(rule.replacement, str) else " | ".join(rule.replacement)
         print(f"    [{rule.name}] {rule.pattern.pattern} -> {replacement}  ({per_rule[rule.name]})", file=out)
+        if rule.user:  # show how the first key resolves ({inj:I}, slots, chunks)
+            resolved = " | ".join(t for s, t, r in plan.routes if s == source and r is rule)
+            print(f"        e.g. {source} -> {resolved}", file=out)
     if plan.dropped:
         print("Dropped source keys (explicit rules):", file=out)
         reasons = defaultdict(list)
