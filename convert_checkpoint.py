@@ -1059,6 +1059,8 @@ def build_processor(config, tokenizer):
     import processing_cli
 
     vision = config.vision_config
+    # the qwen_1_5 template for the tokenizer too (a source tokenizer may carry Qwen's own), so both loaders agree
+    tokenizer.chat_template = processing_cli.CLI_CHAT_TEMPLATE
     image_processor = processing_cli.CLIImageProcessor(
         size={"height": vision.image_size, "width": vision.image_size},
         image_grid_pinpoints=config.image_grid_pinpoints,
