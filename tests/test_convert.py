@@ -99,6 +99,8 @@ def test_fork_fp32_single_file_matches_native(fork_fp32, untied, tmp_path):
     assert config["vision_extraction_layers"] == [1, 3, 5] and config["llm_injection_layers"] == [1, 3]
     assert config["image_token_index"] == IMAGE_ID and config["video_token_index"] == IMAGE_ID + 1
     assert config["dtype"] == "float32"
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 529 and generation["pad_token_id"] == 527  # <|im_end|>, <|endoftext|>
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n")
     assert "- custom_code" in card and "trust_remote_code=True" in card and "[1, 3, 5]" in card
