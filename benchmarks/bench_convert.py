@@ -103,7 +103,6 @@ def build_source(folder: Path, size_gb: float, shard_gb: float) -> dict:
     """Writes the synthetic fork checkpoint shard by shard (one source shard in memory at a time)."""
     import torch
     from safetensors.torch import save_file
-    from tiny_tokenizer import build_tiny_qwen2_tokenizer
 
     folder.mkdir(parents=True)
     vision, text = architecture(size_gb * 1e9)
@@ -138,8 +137,31 @@ def build_source(folder: Path, size_gb: float, shard_gb: float) -> dict:
         "image_aspect_ratio": "anyres_max_9", "image_grid_pinpoints": "(1x1),...,(6x6)",
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    build_tiny_qwen2_tokenizer(folder, add_multimodal_tokens=False)
+    write_qwen2_tokenizer(folder)
     return {"bytes": total, "tensors": len(shapes), "source_shards": count, "vision": vision, "text": text}
+
+
+def write_qwen2_tokenizer(folder: Path) -> None:
+    """
+    The tiny Qwen2-layout tokenizer of tests/tiny_tokenizer.py, written with the `tokenizers` library alone (importing
+    transformers would add seconds to the build step): byte-level BPE, then <|endoftext|>, <|im_start|>, <|im_end|>.
+    """
+    from tiny_tokenizer import _PRETOKENIZE_REGEX, CORPUS, NUM_MERGES, SPECIAL_TOKENS, _learn_merges
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab, merges = _learn_merges(CORPUS, NUM_MERGES)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+              "pad_token": "<|endoftext|>", "unk_token": None, "model_max_length": 32768}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 def run_child(command: list[str]) -> dict:
