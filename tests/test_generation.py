@@ -14,7 +14,7 @@ def model_and_inputs():
     cli = tiny_cli_model(seed=7)
     randomize_cli_modules(cli, seed=8)
     native = native_twin(cli)
-    return cli, single_image_inputs(native, (150, 40), seed=9), left_padded_batch(native, seed=10)
+    return cli, single_image_inputs(native, (150, 40), seed=9), left_padded_batch(native, sizes=((50, 90), (60, 30)), seed=10)
 
 
 def greedy(model, inputs, **kwargs):
