@@ -4,9 +4,10 @@ What CLI costs over the LLaVA-OneVision it extends: prefill time, decode time pe
 weights, parameters and FLOPs, measured on a native `LlavaOnevisionForConditionalGeneration` and a CLI model that
 share the same base weights (CLI's LoRA `B` and gates random and non-zero, so AMP and the injection really run).
 
-    python benchmarks/bench_overhead.py                       # scaled CLI-7B proportions, a few minutes on 2 CPU cores
-    python benchmarks/bench_overhead.py --crops 1,4,10 --batch-sizes 1,4 --repeats 5 --json out.json
-    python benchmarks/bench_overhead.py --tiny --repeats 1     # smoke run (seconds)
+    python benchmarks/bench_overhead.py                 # CLI-7B's proportions scaled down: 9 cases, ~15-30 min on 2 cores
+    python benchmarks/bench_overhead.py --crops 10 --batch-sizes 1 --sizes ''    # one 1476-token case, a few minutes
+    python benchmarks/bench_overhead.py --threads 1 --clock cpu --variants native,cli,cli_proposed --json out.json
+    python benchmarks/bench_overhead.py --tiny --repeats 1 --json /tmp/smoke.json   # smoke run (seconds)
     python benchmarks/bench_overhead.py --device cuda --dtype bfloat16
 
 Inputs are built directly (`pixel_values`, `image_sizes`, `input_ids`), the number of image tokens of each image taken
