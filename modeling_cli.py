@@ -14,6 +14,7 @@ so that `generate()` expands them for beams / `num_return_sequences` like the po
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -54,9 +55,12 @@ class CLIImageFeaturesOutput(BaseModelOutputWithPooling):
     pooler_output (`list[torch.Tensor]`): per image, the baseline features `(num_image_tokens, hidden_size)`.
     deepstack_features (`list[list[torch.Tensor]]`): `[layer][image] -> (num_image_tokens, hidden_size)`, the AMP
         features `V_k` of every extraction layer, packed exactly like `pooler_output`.
+    packed_features (`torch.Tensor` of shape `(K + 1, total_image_tokens, hidden_size)`): the one buffer all of the
+        above are views of (slot 0 = baseline, slot `1 + k` = `V_k`), so the forward pass needs no copy of them.
     """
 
     deepstack_features: list | None = None
+    packed_features: torch.Tensor | None = None
 
 
 @dataclass
@@ -91,11 +95,21 @@ class CLICausalLMOutputWithPast(LlavaOnevisionCausalLMOutputWithPast):
     gate_weights: torch.FloatTensor | None = None
 
 
+class PackingPlan(NamedTuple):
+    """Where one image's features go: its packed token count and, for an anyres image, the grid geometry."""
+
+    num_tokens: int
+    grid_shape: tuple[int, int] | None = None  # crops per column, crops per row
+    crop_box: tuple[int, int, int, int] | None = None  # top, left, height, width kept after unpadding
+    output_shape: tuple[int, int] | None = None  # rows, cols after the anyres_max_N interpolation (or the kept size)
+
+
 class CLIAdaptiveMultiProjection(nn.Module):
     """
-    AMP: one LoRA `(A_k, B_k)` per extraction layer beside the shared projector, all `K` layers in one batched matmul.
+    AMP: one LoRA `(A_k, B_k)` per extraction layer beside the shared projector: `V_k = P(F_k) + (alpha / r) B_k A_k F_k`.
 
-    `lora_A` is `(K, r, vision_hidden_size)`, `lora_B` is `(K, text_hidden_size, r)` and starts at zero.
+    `lora_A` is `(K, r, vision_hidden_size)`, `lora_B` is `(K, text_hidden_size, r)` and starts at zero. Layers are
+    projected one at a time (see `CLIModel.get_image_features`): stacking all K first costs more memory than it saves.
     """
 
     def __init__(self, config: CLIConfig):
@@ -106,26 +120,31 @@ class CLIAdaptiveMultiProjection(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(num_layers, config.text_config.hidden_size, rank))
         self.scaling = config.amp_lora_alpha / rank
 
-    def forward(self, layer_features: torch.Tensor, projected_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer_features: torch.Tensor, projected_features: torch.Tensor, index: int) -> torch.Tensor:
         """
         Args:
-            layer_features: `(K, num_tokens, vision_hidden_size)`, the vision features `F_k`.
-            projected_features: `(K, num_tokens, text_hidden_size)`, the shared projector's output `P(F_k)`.
+            layer_features: `(..., vision_hidden_size)`, the vision features `F_k` of extraction layer number `index`.
+            projected_features: `(..., text_hidden_size)`, the shared projector's output `P(F_k)`.
 
         Returns:
-            `(K, num_tokens, text_hidden_size)`: `P(F_k) + (alpha / r) B_k A_k F_k`.
+            `(..., text_hidden_size)`: `P(F_k) + (alpha / r) B_k A_k F_k`.
         """
-        low_rank = torch.bmm(layer_features, self.lora_A.transpose(1, 2))
-        return torch.baddbmm(projected_features, low_rank, self.lora_B.transpose(1, 2), alpha=self.scaling)
+        low_rank = layer_features.flatten(0, -2) @ self.lora_A[index].T
+        updated = torch.addmm(projected_features.flatten(0, -2), low_rank, self.lora_B[index].T, alpha=self.scaling)
+        return updated.view_as(projected_features)
 
 
 class CLISingleQueryAttention(nn.Module):
     """
-    Multi-head attention of a single learned query over sets of tokens, computed in folded form.
+    Multi-head attention of a single learned query over sets of tokens, read out along a vector `w`: `w . MHA(q; X)`.
 
-    With one query `q`, per head `h`: `softmax(Q_h K_h^T / sqrt(d_h)) V_h = W_v[h] (a_h^T X) + b_v[h]`, where the
-    scores are `a_h = softmax(X u_h + Q_h . b_k[h] / sqrt(d_h))` with `u_h = W_k[h]^T Q_h / sqrt(d_h)`. Pooling `X`
-    before the value projection costs `O(tokens * d * heads)` instead of `O(tokens * d^2)` and is exact.
+    AGF only uses its attention outputs through the gate's dot product, so the whole attention folds into two
+    projections of the tokens per head (exact algebra, nothing approximated): with `Q = W_q q + b_q`, per head `h`
+    - scores: `softmax(X u_h + Q_h . b_k[h] / sqrt(d_h))` with `u_h = W_k[h]^T Q_h / sqrt(d_h)` (the key bias shifts all
+      scores of a head equally and cancels in the softmax, kept for a literal equivalence);
+    - values read out along `w`: `X z_h` with `z_h = W_v[h]^T (W_o^T w)_h`, plus `c = (W_o^T w) . b_v + w . b_o`;
+    - `w . MHA(q; X) = sum_h softmax(X u_h + shift_h) . (X z_h) + c`.
+    One `(tokens, d) x (d, 2 * heads)` matmul replaces the `(tokens, d) x (d, d)` key and value projections.
 
     The weights follow `nn.Linear` (`y = x W^T + b`) but are held directly (no `nn.Linear` children) because the folded
     form reads them outside a child's forward: this keeps accelerate's offloading hooks (which load a module's own
@@ -140,28 +159,34 @@ class CLISingleQueryAttention(nn.Module):
             setattr(self, f"{name}_weight", nn.Parameter(torch.empty(hidden_size, hidden_size)))
             setattr(self, f"{name}_bias", nn.Parameter(torch.zeros(hidden_size)))
 
-    def forward(self, query_vector: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query_vector: torch.Tensor, readout: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
+    ) -> torch.Tensor:
         """
         Args:
-            query_vector: `(hidden_size,)`, the learned query.
+            query_vector: `(hidden_size,)`, the learned query `q`.
+            readout: `(hidden_size,)`, the vector `w` the attention output is read out along.
             tokens: `(*batch, num_tokens, hidden_size)`.
             token_mask: bool, broadcastable to `(*batch, num_groups, num_tokens)`: row `m` says which tokens group `m`
                 attends to (each group must have at least one token, or its output is meaningless).
 
         Returns:
-            `(*batch, num_groups, hidden_size)`, the attention output of every group.
+            `(*batch, num_groups)`: `w . MHA(q; tokens of the group)` for every group.
         """
         heads, head_dim = self.num_heads, self.head_dim
-        query = (query_vector @ self.query_weight.T + self.query_bias).view(heads, head_dim) * head_dim**-0.5
-        folded_keys = torch.einsum("hc,hcd->dh", query, self.key_weight.view(heads, head_dim, -1))
-        key_bias_shift = (query * self.key_bias.view(heads, head_dim)).sum(-1)  # constant per head: cancels exactly
-        scores = (torch.matmul(tokens, folded_keys) + key_bias_shift).transpose(-1, -2).unsqueeze(-3)
-        scores = scores.float().masked_fill(~token_mask.unsqueeze(-2), torch.finfo(torch.float32).min)
-        weights = scores.softmax(dim=-1).to(tokens.dtype)  # (*batch, groups, heads, tokens)
-        pooled = torch.matmul(weights.flatten(-3, -2), tokens).unflatten(-2, (-1, heads))  # (*batch, groups, heads, d)
-        values = torch.einsum("...hd,hcd->...hc", pooled, self.value_weight.view(heads, head_dim, -1))
-        values = values + self.value_bias.view(heads, head_dim)
-        return values.flatten(-2) @ self.output_weight.T + self.output_bias
+        query = (self.query_weight @ query_vector + self.query_bias).view(heads, head_dim) * head_dim**-0.5
+        head_readout = (readout @ self.output_weight).view(heads, head_dim)
+        key_fold = torch.einsum("hc,hcd->dh", query, self.key_weight.view(heads, head_dim, -1))
+        value_fold = torch.einsum("hc,hcd->dh", head_readout, self.value_weight.view(heads, head_dim, -1))
+        key_bias_shift = (query * self.key_bias.view(heads, head_dim)).sum(-1)
+        constant = (head_readout.flatten() * self.value_bias).sum() + readout @ self.output_bias
+
+        projections = torch.matmul(tokens, torch.cat([key_fold, value_fold], dim=-1)).float()  # (*batch, T, 2 heads)
+        scores = (projections[..., :heads] + key_bias_shift.float()).transpose(-1, -2).unsqueeze(-3)
+        scores = scores.masked_fill(~token_mask.unsqueeze(-2), torch.finfo(torch.float32).min)
+        weights = scores.softmax(dim=-1)  # (*batch, groups, heads, tokens)
+        values = projections[..., heads:].transpose(-1, -2).unsqueeze(-3)  # (*batch, 1, heads, tokens)
+        return (weights * values).sum(dim=(-1, -2)) + constant.float()
 
 
 class CLIAdaptiveGatingFusion(nn.Module):
@@ -202,20 +227,22 @@ class CLIAdaptiveGatingFusion(nn.Module):
         sample_index, seq_index = image_positions
         samples = torch.arange(hidden_states.shape[0], device=sample_index.device)
         token_in_sample = sample_index[None, :] == samples[:, None]  # (batch, num_image_tokens)
-        vision_summary = self.vision_attention(self.vision_query, layer_features, token_in_sample)  # (K, batch, d)
-        context_summary = self.context_attention(self.context_query, hidden_states, context_mask[:, None])[:, 0]
-
         vision_gate_weight, context_gate_weight = self.gate_weight.chunk(2)
-        gates = torch.tanh(
-            (vision_summary @ vision_gate_weight).T + (context_summary @ context_gate_weight)[:, None] + self.gate_bias
-        )  # (batch, K)
+        vision_logits = self.vision_attention(self.vision_query, vision_gate_weight, layer_features, token_in_sample)
+        context_logits = self.context_attention(
+            self.context_query, context_gate_weight, hidden_states, context_mask[:, None]
+        )  # (batch, 1)
+        gates = torch.tanh(vision_logits.T + context_logits + self.gate_bias.float())  # (batch, K)
         gates = gates * token_in_sample.any(dim=-1, keepdim=True)
 
-        injection = torch.einsum("nk,knd->nd", gates[sample_index].to(layer_features.dtype), layer_features)
+        token_gates = gates[sample_index].to(layer_features.dtype)  # (num_image_tokens, K)
+        injection = token_gates[:, :1] * layer_features[0]
+        for k in range(1, layer_features.shape[0]):  # K is small; this reads each feature set once, with no copy
+            injection = injection.addcmul(token_gates[:, k : k + 1], layer_features[k])
         hidden_states = hidden_states.index_put(
             (sample_index, seq_index), injection.to(hidden_states.dtype), accumulate=True
         )
-        return hidden_states, gates
+        return hidden_states, gates.to(hidden_states.dtype)
 
 
 def attended_positions(attention_mask, shape: tuple[int, int]) -> torch.Tensor:
@@ -378,51 +405,86 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
         self.amp = CLIAdaptiveMultiProjection(config)
         self.post_init()
 
-    def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
+    def packing_plans(self, crops_per_image, image_sizes, vision_aspect_ratio="anyres_max_9") -> list[PackingPlan]:
         """
-        LLaVA-NeXT's packing (unpad by truncation, see `unpadded_grid_shape`; the `anyres_max_N` down-interpolation;
-        one `image_newline` per row; the base view first).
+        LLaVA-NeXT's packing geometry per image: unpad by truncation ([`unpadded_grid_shape`]), then the
+        `anyres_max_N` down-interpolation when the kept grid is over 1.1x N crops; the base view first and one
+        `image_newline` per row. An image encoded as one crop (multi-image prompts) is its base view + one newline.
+        """
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        max_num_crops = int(vision_aspect_ratio.removeprefix("anyres_max_"))
+        plans = []
+        for num_crops, image_size in zip(crops_per_image, image_sizes):
+            if num_crops == 1:
+                plans.append(PackingPlan(side * side + 1))
+                continue
+            grid_height, grid_width = get_anyres_image_grid_shape(
+                image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size
+            )
+            rows, cols = grid_height * side, grid_width * side
+            kept_height, kept_width = unpadded_grid_shape(int(image_size[0]), int(image_size[1]), rows, cols)
+            ratio = math.sqrt(kept_height * kept_width / (max_num_crops * side**2))
+            out_height, out_width = kept_height, kept_width
+            if ratio > 1.1:
+                out_height, out_width = int(kept_height // ratio), int(kept_width // ratio)
+            plans.append(
+                PackingPlan(
+                    side * side + out_height * (out_width + 1),
+                    (grid_height, grid_width),
+                    ((rows - kept_height) // 2, (cols - kept_width) // 2, kept_height, kept_width),
+                    (out_height, out_width),
+                )
+            )
+        return plans
+
+    def pack_into(self, image_features, plans: list[PackingPlan], image_newline: torch.Tensor, out: torch.Tensor):
+        """
+        Writes the packed features of every image into consecutive rows of `out`.
 
         Args:
-            image_features (`list[torch.Tensor]`): per image, `(num_crops, patches_per_crop, channels)`.
-            image_sizes (`torch.Tensor` of shape `(num_images, 2)`): original `(height, width)` of each image.
-            image_newline (`torch.Tensor` of shape `(channels,)`, *optional*): the row separator.
-            vision_aspect_ratio (`str`): `"anyres_max_N"`.
+            image_features (`list[torch.Tensor]`): per image, `(num_crops, patches_per_crop, channels)`, base view first.
+            plans (`list[PackingPlan]`): from [`packing_plans`].
+            image_newline (`torch.Tensor` of shape `(channels,)`): the row separator.
+            out (`torch.Tensor` of shape `(sum of plan.num_tokens, channels)`): the destination (any row stride).
+
+        The grid stays channels-last throughout (crop, bilinear interpolation with the channels-last kernel, rows
+        written next to their newline), which avoids transposing the whole grid twice as channels-first packing does.
+        """
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        offset = 0
+        for image_feature, plan in zip(image_features, plans):
+            destination = out[offset : offset + plan.num_tokens]
+            offset += plan.num_tokens
+            destination[: side * side] = image_feature[0]
+            if plan.grid_shape is None:
+                destination[side * side] = image_newline
+                continue
+            (grid_height, grid_width), (top, left, height, width), (out_height, out_width) = (
+                plan.grid_shape, plan.crop_box, plan.output_shape
+            )
+            grid = image_feature[1:].view(grid_height, grid_width, side, side, -1).permute(0, 2, 1, 3, 4)
+            grid = grid.reshape(grid_height * side, grid_width * side, -1)[top : top + height, left : left + width]
+            if (out_height, out_width) != (height, width):
+                grid = grid.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+                grid = nn.functional.interpolate(grid, [out_height, out_width], mode="bilinear")[0].permute(1, 2, 0)
+            rows = destination[side * side :].unflatten(0, (out_height, out_width + 1))
+            rows[:, :out_width] = grid
+            rows[:, out_width] = image_newline
+
+    def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
+        """
+        LLaVA-OneVision's `pack_image_features` API with LLaVA-NeXT's truncating unpad (see [`packing_plans`]).
 
         Returns:
             `(list[torch.Tensor], torch.LongTensor)`: per image `(num_image_tokens, channels)`, and the token counts.
         """
-        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        max_num_crops = int(vision_aspect_ratio.removeprefix("anyres_max_"))
-        packed = []
-        for image_feature, image_size in zip(image_features, image_sizes):
-            base_feature = image_feature[0]
-            if image_feature.shape[0] == 1:
-                rows = [base_feature] if image_newline is None else [base_feature, image_newline[None].to(base_feature)]
-                packed.append(torch.cat(rows, dim=0))
-                continue
-            if base_feature.shape[0] != side * side:
-                raise ValueError(f"Expected {side * side} patches per crop, got {base_feature.shape[0]}.")
-            grid_height, grid_width = get_anyres_image_grid_shape(
-                image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size
-            )
-            grid = image_feature[1:].view(grid_height, grid_width, side, side, -1)
-            grid = grid.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (channels, rows, cols)
-            original_height, original_width = (int(x) for x in image_size)
-            kept_height, kept_width = unpadded_grid_shape(original_height, original_width, *grid.shape[1:])
-            top, left = (grid.shape[1] - kept_height) // 2, (grid.shape[2] - kept_width) // 2
-            grid = grid[:, top : top + kept_height, left : left + kept_width]
-            ratio = math.sqrt(kept_height * kept_width / (max_num_crops * side**2))
-            if ratio > 1.1:
-                grid = nn.functional.interpolate(
-                    grid[None], [int(kept_height // ratio), int(kept_width // ratio)], mode="bilinear"
-                )[0]
-            if image_newline is not None:
-                newline = image_newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid)
-                grid = torch.cat((grid, newline), dim=-1)
-            packed.append(torch.cat((base_feature, grid.flatten(1, 2).transpose(0, 1)), dim=0))
-        feature_lens = torch.tensor([feature.shape[0] for feature in packed], dtype=torch.long)
-        return packed, feature_lens.to(image_features[0].device)
+        plans = self.packing_plans([feature.shape[0] for feature in image_features], image_sizes, vision_aspect_ratio)
+        if image_newline is None:
+            raise ValueError("CLI packs every image with `image_newline`; pass it.")
+        out = image_features[0].new_empty(sum(plan.num_tokens for plan in plans), image_features[0].shape[-1])
+        self.pack_into(image_features, plans, image_newline.to(out), out)
+        feature_lens = [plan.num_tokens for plan in plans]
+        return list(out.split(feature_lens)), torch.tensor(feature_lens, device=out.device)
 
     @merge_with_config_defaults
     @can_return_tuple
@@ -437,8 +499,9 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
         **kwargs,
     ) -> CLIImageFeaturesOutput:
         r"""
-        One vision-tower pass; the baseline features of `vision_feature_layer` and the AMP features of every extraction
-        layer are projected in one batched call and packed together.
+        One vision-tower pass; then, one layer at a time (so that only one layer's projection is ever in memory), the
+        baseline features of `vision_feature_layer` and the AMP features of every extraction layer are projected and
+        packed straight into their slot of one `(K + 1, total_image_tokens, hidden_size)` buffer.
 
         pixel_values (`torch.Tensor` of shape `(num_images, max_crops, 3, H, W)` or `(total_crops, 3, H, W)`)
         image_sizes (`torch.Tensor` of shape `(num_images, 2)`): original `(height, width)`.
@@ -446,55 +509,47 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
             several images uses the base view of each (LLaVA-OV's multi-image mode).
 
         Returns:
-            [`CLIImageFeaturesOutput`] with `pooler_output` (`[image] -> (tokens, hidden)`) and `deepstack_features`
-            (`[layer][image] -> (tokens, hidden)`).
+            [`CLIImageFeaturesOutput`] with `pooler_output` (`[image] -> (tokens, hidden)`), `deepstack_features`
+            (`[layer][image] -> (tokens, hidden)`) and `packed_features`, the buffer they are views of.
         """
-        if batch_num_images is None:
-            crops_per_image = [
-                image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
-                for size in image_sizes
-            ]
-        else:
-            crops_per_image = [
-                image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
-                if num == 1
-                else 1
-                for size, num in zip(image_sizes, (n for n in batch_num_images for _ in range(n)))
-            ]
+        grid_pinpoints, crop_size = self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        images_per_sample = [1] * len(image_sizes) if batch_num_images is None else batch_num_images
+        crops_per_image = [
+            image_size_to_num_patches(size, grid_pinpoints, crop_size) if num == 1 else 1
+            for size, num in zip(image_sizes, (int(n) for n in images_per_sample for _ in range(int(n))))
+        ]
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([crops[:num] for crops, num in zip(pixel_values, crops_per_image)], dim=0)
         elif pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must have 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}.")
 
-        num_vision_layers = self.config.vision_config.num_hidden_layers
-        base_layer = vision_feature_layer % (num_vision_layers + 1)
-        layers = [base_layer] + [k for k in self.config.vision_extraction_layers if k != base_layer]
+        base_layer = vision_feature_layer % (self.config.vision_config.num_hidden_layers + 1)
+        # slot 0 is the baseline; a baseline layer that is also extracted gets its own slot (the LoRA must not touch it)
+        layers = [base_layer] + list(self.config.vision_extraction_layers)
         kwargs.pop("output_hidden_states", None)
-        vision_outputs = self.vision_tower(pixel_values, output_hidden_states=layers, return_dict=True, **kwargs)
-
-        stacked = torch.stack([vision_outputs.hidden_states[layer] for layer in layers])  # (L, crops, patches, d_v)
-        if vision_feature_select_strategy == "default":
-            stacked = stacked[:, :, 1:]
-        projected = self.multi_modal_projector(stacked)
-        position = {layer: i for i, layer in enumerate(layers)}
-        extraction = [position[k] for k in self.config.vision_extraction_layers]
-        num_layers, num_crops, num_patches, _ = stacked.shape
-        amp_features = self.amp(
-            stacked[extraction].flatten(1, 2), projected[extraction].flatten(1, 2)
-        ).view(len(extraction), num_crops, num_patches, -1)
-
-        # pack baseline + K AMP features in one pass: concatenate along channels, pack, split back
-        all_features = torch.cat((projected[:1], amp_features), dim=0)
-        all_features = all_features.permute(1, 2, 0, 3).flatten(2, 3)  # (crops, patches, (K + 1) * d)
-        newline = self.image_newline.repeat(len(extraction) + 1)
-        packed, _ = self.pack_image_features(
-            torch.split(all_features, crops_per_image, dim=0), image_sizes, newline, vision_aspect_ratio
+        vision_outputs = self.vision_tower(
+            pixel_values, output_hidden_states=sorted(set(layers)), return_dict=True, **kwargs
         )
-        packed = [feature.view(feature.shape[0], len(extraction) + 1, -1) for feature in packed]
+        plans = self.packing_plans(crops_per_image, image_sizes, vision_aspect_ratio)
+        num_tokens = [plan.num_tokens for plan in plans]
+        packed = None
+        for slot, layer in enumerate(layers):
+            features = vision_outputs.hidden_states[layer]
+            if vision_feature_select_strategy == "default":
+                features = features[:, 1:]
+            projected = self.multi_modal_projector(features)
+            if slot > 0:
+                projected = self.amp(features, projected, slot - 1)
+            if packed is None:
+                packed = projected.new_empty(len(layers), sum(num_tokens), projected.shape[-1])
+            newline = self.image_newline.to(projected)
+            self.pack_into(torch.split(projected, crops_per_image, dim=0), plans, newline, packed[slot])
+        per_slot = [list(slot_features.split(num_tokens)) for slot_features in packed]
         return CLIImageFeaturesOutput(
             last_hidden_state=vision_outputs.last_hidden_state,
-            pooler_output=[feature[:, 0] for feature in packed],
-            deepstack_features=[[feature[:, 1 + k] for feature in packed] for k in range(len(extraction))],
+            pooler_output=per_slot[0],
+            deepstack_features=per_slot[1:],
+            packed_features=packed,
         )
 
     def get_video_features(self, *args, **kwargs):
@@ -554,10 +609,16 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
 
         cli_features = image_positions = context_mask = None
         if image_outputs is not None:
-            image_features = torch.cat(list(image_outputs.pooler_output), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask, _ = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds)
             image_mask = image_mask[..., 0]
             num_image_tokens = int(image_mask.sum())
+            packed = getattr(image_outputs, "packed_features", None)
+            if packed is None or packed.shape[1] != sum(len(f) for f in image_outputs.pooler_output):
+                # e.g. after generate() expanded the per-image lists for beams: rebuild the buffer from them
+                packed = torch.stack(
+                    [torch.cat(list(features)) for features in [image_outputs.pooler_output, *image_outputs.deepstack_features]]
+                )
+            image_features = packed[0].to(inputs_embeds.device, inputs_embeds.dtype)
             if num_image_tokens != image_features.shape[0]:
                 raise ValueError(
                     f"The prompt holds {num_image_tokens} image tokens (id {self.config.image_token_id}) but the images "
@@ -570,7 +631,7 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
                     "prompt at every injection layer, so chunked prefill with images cannot be exact."
                 )
             inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features)
-            cli_features = torch.stack([torch.cat(list(layer), dim=0) for layer in image_outputs.deepstack_features])
+            cli_features = packed[1:]
             image_positions = image_mask.nonzero(as_tuple=True)
             context_mask = attended_positions(attention_mask, image_mask.shape)
             if labels is not None:
