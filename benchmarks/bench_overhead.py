@@ -375,6 +375,8 @@ class StageTimer:
         self.wrap(inner.vision_tower, "forward", "vision tower")
         self.wrap(inner.multi_modal_projector, "forward", "projector")
         self.wrap(inner, "pack_image_features", "packing")
+        if hasattr(inner, "pack_into"):  # a CLI that packs into a preallocated buffer
+            self.wrap(inner, "pack_into", "packing")
         self.wrap(sys.modules[__name__], "_proposed_pack", "packing")
         self.wrap(inner.language_model, "forward", "LLM (rest: masks, rope, norm)")
         for layer in inner.language_model.layers:
