@@ -1,0 +1,235 @@
+# Copyright 2026 The CLI for transformers authors. Licensed under the Apache License, Version 2.0.
+"""
+Generated "coloured shapes" visual question answering: small images with circles, squares and triangles in four
+colours on a 4 x 4 grid, and three kinds of questions with a tiny answer space (colours, digits, yes/no):
+
+    What color is the circle?              -> red | green | blue | yellow
+    How many squares are there?            -> 0 .. 4
+    Is the triangle left of the circle?    -> yes | no
+
+Everything is a pure function of a seed (`random.Random`), so a data set, a held-out set and a test are reproducible.
+
+    from shapes_data import generate_examples, write_jsonl
+    examples = generate_examples(100, seed=0)      # [{"messages": [...], "images": [PIL.Image]}, ...]
+    write_jsonl("data", 100, seed=0)               # data/data.jsonl + data/images/*.png (paths relative to the JSONL)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 48  # pixels; a 3 x 3 grid of 16-pixel cells, one cell per vision patch of the shapes model
+GRID = 3
+CELL = IMAGE_SIZE // GRID
+SHAPE_SIZE = 14
+SHAPES = ("circle", "square", "triangle")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+BACKGROUND = (255, 255, 255)
+MIN_OBJECTS, MAX_OBJECTS = 1, 4
+MAX_COUNT = 4
+QUESTION_KINDS = ("color", "count", "left")
+# Every word questions and answers use: the shapes tokenizer learns each as one token.
+ANSWERS = tuple(COLORS) + tuple(str(n) for n in range(MAX_COUNT + 1)) + ("yes", "no")
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    color: str
+    row: int
+    col: int
+
+
+def random_scene(rng: random.Random) -> list[ShapeObject]:
+    """2..5 objects in distinct grid cells, each a random shape and colour (at most MAX_COUNT of one shape)."""
+    while True:
+        count = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
+        cells = rng.sample(range(GRID * GRID), count)
+        scene = [ShapeObject(rng.choice(SHAPES), rng.choice(tuple(COLORS)), cell // GRID, cell % GRID) for cell in cells]
+        if max(sum(o.shape == shape for o in scene) for shape in SHAPES) <= MAX_COUNT:
+            return scene
+
+
+def render_scene(scene: list[ShapeObject]) -> Image.Image:
+    """Draws the scene: each shape is SHAPE_SIZE pixels, centred in its grid cell."""
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    margin = (CELL - SHAPE_SIZE) // 2
+    for obj in scene:
+        left, top = obj.col * CELL + margin, obj.row * CELL + margin
+        right, bottom = left + SHAPE_SIZE - 1, top + SHAPE_SIZE - 1
+        color = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse((left, top, right, bottom), fill=color)
+        elif obj.shape == "square":
+            draw.rectangle((left + 1, top + 1, right - 1, bottom - 1), fill=color)
+        else:
+            draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=color)
+    return image
+
+
+def unique(scene, shape):
+    found = [o for o in scene if o.shape == shape]
+    return found[0] if len(found) == 1 else None
+
+
+def ask(scene: list[ShapeObject], kind: str, rng: random.Random) -> tuple[str, str] | None:
+    """A `(question, answer)` of `kind` about the scene, or None if the scene cannot answer it unambiguously."""
+    if kind == "color":
+        candidates = [o for o in (unique(scene, s) for s in SHAPES) if o is not None]
+        if not candidates:
+            return None
+        obj = rng.choice(candidates)
+        return f"What color is the {obj.shape}?", obj.color
+    if kind == "count":
+        shape = rng.choice(SHAPES)
+        return f"How many {PLURALS[shape]} are there?", str(sum(o.shape == shape for o in scene))
+    pairs = [
+        (a, b)
+        for a in (unique(scene, s) for s in SHAPES)
+        for b in (unique(scene, s) for s in SHAPES)
+        if a is not None and b is not None and a.shape != b.shape and a.col != b.col
+    ]
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    return f"Is the {a.shape} left of the {b.shape}?", "yes" if a.col < b.col else "no"
+
+
+DESCRIBE = "Describe the grid."
+
+
+def describe(scene: list[ShapeObject]) -> str:
+    """The grid cell by cell in reading order: `"red circle, none, blue square, ..."` (`none` = empty cell)."""
+    cells = {(o.row, o.col): f"{o.color} {o.shape}" for o in scene}
+    return ", ".join(cells.get((row, col), "none") for row in range(GRID) for col in range(GRID))
+
+
+def make_example(
+    rng: random.Random,
+    kind: str | None = None,
+    extra_questions: int = 0,
+    question_first: bool = False,
+    with_description: bool = False,
+) -> dict:
+    """
+    One example: `{"messages": [user: image + question, assistant: answer, ...], "images": [PIL image], "question",
+    "answer", "kind"}` (the last three describe the first question). `kind` is one of QUESTION_KINDS (random if None).
+
+    `extra_questions` adds follow-up exchanges about the same image (random kinds), `question_first` puts the question
+    text before the image in the first user turn, `with_description` ends with "Describe the grid." -> [`describe`].
+    """
+    kinds = [kind or rng.choice(QUESTION_KINDS)] + [rng.choice(QUESTION_KINDS) for _ in range(extra_questions)]
+    while True:
+        scene = random_scene(rng)
+        qas = [ask(scene, k, rng) for k in kinds]
+        if all(qa is not None for qa in qas):
+            break
+    image = render_scene(scene)
+    messages = []
+    for index, (question, answer) in enumerate(qas):
+        content = [{"type": "text", "text": question}]
+        if index == 0:
+            content = content + [{"type": "image"}] if question_first else [{"type": "image"}] + content
+        messages.append({"role": "user", "content": content})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    if with_description:
+        messages.append({"role": "user", "content": [{"type": "text", "text": DESCRIBE}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": describe(scene)}]})
+    question, answer = qas[0]
+    return {"messages": messages, "images": [image], "question": question, "answer": answer, "kind": kinds[0]}
+
+
+def generate_examples(num: int, seed: int = 0) -> list[dict]:
+    """`num` examples, the question kinds cycling so that each kind is equally frequent; reproducible from `seed`."""
+    rng = random.Random(seed)
+    return [make_example(rng, QUESTION_KINDS[i % len(QUESTION_KINDS)]) for i in range(num)]
+
+
+class ShapesDataset:
+    """A map-style data set of `size` examples; example `i` is `make_example` with the seed `(seed, i)` (no storage)."""
+
+    def __init__(self, size: int, seed: int = 0, **example_kwargs):
+        self.size, self.seed, self.example_kwargs = size, seed, example_kwargs
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        rng = random.Random(self.seed * 1_000_003 + index)
+        return make_example(rng, QUESTION_KINDS[index % len(QUESTION_KINDS)], **self.example_kwargs)
+
+
+def write_jsonl(folder: str | os.PathLike, num: int, seed: int = 0, name: str = "data.jsonl") -> str:
+    """Writes `num` examples as `folder/name` (`{"messages", "images": [relative PNG paths]}` per line) + PNGs."""
+    folder = os.fspath(folder)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        for i, example in enumerate(generate_examples(num, seed)):
+            image_path = os.path.join("images", f"{os.path.splitext(name)[0]}_{i:05d}.png")
+            example["images"][0].save(os.path.join(folder, image_path))
+            f.write(json.dumps({"messages": example["messages"], "images": [image_path]}) + "\n")
+    return path
+
+
+def corpus() -> str:
+    """Text with every question and answer form, for learning the shapes tokenizer's merges."""
+    lines = []
+    for shape in SHAPES:
+        lines.append(f"What color is the {shape}?")
+        lines.append(f"How many {PLURALS[shape]} are there?")
+        for other in SHAPES:
+            if other != shape:
+                lines.append(f"Is the {shape} left of the {other}?")
+    lines.extend(ANSWERS)
+    lines.append(DESCRIBE)
+    lines.extend(describe([ShapeObject(shape, color, 0, 0)]) for shape in SHAPES for color in COLORS)
+    return "\n".join(lines) + "\n"
+
+
+def question_messages(example: dict) -> list[dict]:
+    """The example's conversation without the answer (what a user sends)."""
+    return [message for message in example["messages"] if message["role"] != "assistant"]
+
+
+def answer_questions(model, processor, examples: list[dict], batch_size: int = 50, max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers of `model` to the examples' questions (prompts built by the processor, padded on the left)."""
+    import torch
+
+    answers = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        inputs = processor.apply_chat_template(
+            [question_messages(example) for example in chunk],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"images": [example["images"] for example in chunk], "padding": True, "padding_side": "left"},
+        )
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        answers.extend(text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True))
+    return answers
+
+
+def accuracy(model, processor, examples: list[dict], **kwargs) -> tuple[float, dict[str, float]]:
+    """Exact-match accuracy overall and per question kind."""
+    answers = answer_questions(model, processor, examples, **kwargs)
+    right = [answer == example["answer"] for answer, example in zip(answers, examples)]
+    per_kind = {}
+    for kind in QUESTION_KINDS:
+        hits = [r for r, example in zip(right, examples) if example["kind"] == kind]
+        if hits:
+            per_kind[kind] = sum(hits) / len(hits)
+    return sum(right) / len(right), per_kind

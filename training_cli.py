@@ -1,0 +1,826 @@
+# Copyright 2026 The CLI for transformers authors. Licensed under the Apache License, Version 2.0.
+"""
+Training CLI models: a data collator for chat-formatted image data, PEFT (LoRA on the LLM + the CLI modules), tiny
+offline checkpoints, and helpers for the Trainer.
+
+- [`CLIDataCollator`]: `{"messages": [...], "images": [...]}` samples -> `input_ids`, `attention_mask`, `labels`,
+  `pixel_values`, `image_sizes`, `batch_num_images`, through [`CLIProcessor`]'s chat template and image processing
+  (the same code as inference). Padding is on the right; only assistant replies are supervised.
+- [`load_chat_jsonl`]: reads a JSONL data set, checking every line (roles, image markers, image files) up front.
+- [`cli_peft_config`]: a `peft.LoraConfig` with LoRA on the language model's decoder projections and AMP + AGF as
+  fully trained extra modules (`modules_to_save`); saves, reloads and merges.
+- [`build_tiny_cli_checkpoint`]: a tiny random CLI model + tiny Qwen2 tokenizer + processor saved as a remote-code
+  folder, for offline examples and tests.
+- [`summarize_trainable`] / [`summary_7b`]: the trainable-parameter table, also for CLI-7B built on the meta device.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+try:  # loaded as remote code / from a package folder
+    from .configuration_cli import CLIConfig
+    from .modeling_cli import CLIForConditionalGeneration, format_parameter_summary
+    from .processing_cli import IMAGE_TOKEN, CLIImageProcessor, CLIProcessor, add_cli_special_tokens
+except ImportError:  # installed as top-level modules
+    from configuration_cli import CLIConfig
+    from modeling_cli import CLIForConditionalGeneration, format_parameter_summary
+    from processing_cli import IMAGE_TOKEN, CLIImageProcessor, CLIProcessor, add_cli_special_tokens
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+REMOTE_CODE_FILES = ("configuration_cli.py", "modeling_cli.py", "processing_cli.py")
+SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# LoRA targets: the Qwen2 decoder's attention and MLP projections only (not the vision tower's q/k/v/out_proj, not
+# the projector, not AGF, whose weights are raw parameters anyway).
+LLM_LORA_TARGET_MODULES = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A tiny Qwen2 byte-level BPE tokenizer (the same construction as tests/tiny_tokenizer.py, with a larger corpus so
+# that every word of the shapes questions is one token). Deterministic, no download.
+# ----------------------------------------------------------------------------------------------------------------------
+
+TINY_CORPUS = """
+You are a helpful assistant. Describe this image in detail. What is in the picture? The image shows a cat sitting on
+a red chair next to a window, and a dog is sleeping on the floor. There are two people walking in the street.
+What is the difference between the two images? The first image is brighter than the second one.
+How many objects are there? There are 3 apples, 12 oranges and 2024 bananas. Answer the question using a single
+word or phrase. Please answer yes or no. Yes. No. The answer is A. Options: A, B, C, D.
+user assistant system image video question answer layer vision language model cross injection
+<|im_start|>system
+You are a helpful assistant.<|im_end|>
+<|im_start|>user
+<image>
+What is shown here?<|im_end|>
+<|im_start|>assistant
+A small house with a garden.<|im_end|>
+"""
+SHAPES_CORPUS = """
+What color is the circle? What color is the square? What color is the triangle?
+How many circles are there? How many squares are there? How many triangles are there?
+Is the circle left of the square? Is the circle left of the triangle? Is the square left of the circle?
+Is the square left of the triangle? Is the triangle left of the circle? Is the triangle left of the square?
+red
+green
+blue
+yellow
+yes
+no
+Describe the grid.
+red circle, none, green square, none, blue triangle, none, yellow circle, none, none
+green circle, red square, yellow triangle, blue square, red triangle, green triangle, blue circle, yellow square
+"""
+TINY_NUM_MERGES = 2000  # more than the corpus has pairs: BPE runs to completion, every corpus word is one token
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(code) for code in codes)))
+
+
+def _learn_merges(text: str, num_merges: int):
+    from tokenizers import Regex, pre_tokenizers
+
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    words = collections.Counter(piece for piece, _ in pre_tokenizer.pre_tokenize_str(text))
+    byte_map = _bytes_to_unicode()
+    vocab = {byte_map[byte]: byte for byte in range(256)}
+    splits = {word: list(word) for word in words}
+    merges = []
+    while len(merges) < num_merges:
+        pairs = collections.Counter()
+        for word, count in words.items():
+            symbols = splits[word]
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merged = best[0] + best[1]
+        merges.append(best)
+        if merged not in vocab:
+            vocab[merged] = len(vocab)
+        for word, symbols in splits.items():
+            index, out = 0, []
+            while index < len(symbols):
+                if index + 1 < len(symbols) and (symbols[index], symbols[index + 1]) == best:
+                    out.append(merged)
+                    index += 2
+                else:
+                    out.append(symbols[index])
+                    index += 1
+            splits[word] = out
+    return vocab, merges
+
+
+def build_tiny_tokenizer(save_dir: str | os.PathLike | None = None, corpus: str = TINY_CORPUS + SHAPES_CORPUS):
+    """
+    A tiny, real Qwen2 byte-level BPE tokenizer (a `transformers.Qwen2Tokenizer`), identical on every call: the 256
+    byte symbols, the BPE merges of `corpus` (run to completion, so each corpus word is a single token), then
+    `<|endoftext|>` (pad), `<|im_start|>`, `<|im_end|>` (eos), then `<image>` and `<video>` added as LLaVA-NeXT adds
+    them ([`add_cli_special_tokens`]). Saved to `save_dir` if given.
+    """
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _learn_merges(corpus, TINY_NUM_MERGES)
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+    )
+    tokenizer.add_tokens(
+        [AddedToken(token, special=True, normalized=False, lstrip=False, rstrip=False) for token in SPECIAL_TOKENS],
+        special_tokens=True,
+    )
+    add_cli_special_tokens(tokenizer)
+    if save_dir is not None:
+        tokenizer.save_pretrained(os.fspath(save_dir))
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tiny CLI models
+# ----------------------------------------------------------------------------------------------------------------------
+
+TINY_IMAGE_SIZE = 48  # one 48 x 48 view, 16-pixel patches: 3 x 3 = 9 tokens per view
+TINY_PATCH_SIZE = 16
+TINY_PINPOINTS = [[TINY_IMAGE_SIZE * rows, TINY_IMAGE_SIZE * cols] for rows in range(1, 4) for cols in range(1, 4)]
+
+
+def tiny_cli_config(tokenizer, **overrides) -> CLIConfig:
+    """
+    The configuration of a tiny CLI model for `tokenizer` (vocabulary, `<image>`, eos and pad ids): a 2-layer SigLIP
+    (48 x 48 views, 16-pixel patches), a 4-layer Qwen2 of width 128, AMP on vision layers [1, 2] and AGF before decoder
+    layers [1, 2]. `overrides` replace top-level `CLIConfig` arguments; `text_config` / `vision_config` dicts are
+    merged into the defaults.
+    """
+    vision_config = dict(
+        model_type="siglip_vision_model",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=TINY_PATCH_SIZE,
+        vision_use_head=False,
+    )
+    text_config = dict(
+        model_type="qwen2",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    vision_config.update(overrides.pop("vision_config", {}))
+    text_config.update(overrides.pop("text_config", {}))
+    ids = add_cli_special_tokens(tokenizer)
+    kwargs = dict(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=ids["image_token_id"],
+        video_token_index=ids["video_token_id"],
+        image_grid_pinpoints=TINY_PINPOINTS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        vision_extraction_layers=[1, 2],
+        llm_injection_layers=[1, 2],
+        amp_lora_rank=8,
+        amp_lora_alpha=16,
+        tie_word_embeddings=text_config["tie_word_embeddings"],
+        eos_token_id=text_config["eos_token_id"],
+        pad_token_id=text_config["pad_token_id"],
+    )
+    kwargs.update(overrides)
+    return CLIConfig(**kwargs)
+
+
+def tiny_processor(tokenizer) -> CLIProcessor:
+    """A [`CLIProcessor`] for the tiny models: 48 x 48 views, the tiny pinpoints, 9 tokens per view."""
+    image_processor = CLIImageProcessor(
+        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, image_grid_pinpoints=TINY_PINPOINTS
+    )
+    return CLIProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=(TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+
+
+def build_tiny_cli(seed: int = 0, **config_overrides):
+    """`(model, processor)`: a randomly initialised tiny CLI model (eval mode, fp32) and its processor."""
+    tokenizer = build_tiny_tokenizer()
+    processor = tiny_processor(tokenizer)
+    config = tiny_cli_config(tokenizer, **config_overrides)
+    torch.manual_seed(seed)
+    model = CLIForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    return model, processor
+
+
+def save_cli_folder(model, processor, folder: str | os.PathLike, **save_kwargs) -> str:
+    """
+    Saves model and processor as a self-contained remote-code folder (weights, config with `auto_map`,
+    `configuration_cli.py` / `modeling_cli.py` / `processing_cli.py`, tokenizer, processor configs, chat template).
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, **save_kwargs)
+    processor.save_pretrained(folder)
+    for name in REMOTE_CODE_FILES:  # save_pretrained copies what it reaches; make sure all three are there
+        if not os.path.exists(os.path.join(folder, name)):
+            shutil.copyfile(os.path.join(SOURCE_DIR, name), os.path.join(folder, name))
+    return folder
+
+
+def build_tiny_cli_checkpoint(folder: str | os.PathLike, seed: int = 0, **config_overrides) -> str:
+    """Builds a random tiny CLI model + tiny tokenizer + processor and saves them to `folder` (see `save_cli_folder`)."""
+    model, processor = build_tiny_cli(seed, **config_overrides)
+    return save_cli_folder(model, processor, folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: chat-formatted image samples -> model inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class SampleError(ValueError):
+    """A training sample that cannot be used; the message names the sample (its JSONL line when known)."""
+
+
+def sample_name(sample: dict, index: int | None = None) -> str:
+    """`"data.jsonl line 12"` when the sample came from [`load_chat_jsonl`], else `"sample 3 of the batch"`."""
+    source = sample.get("source") if isinstance(sample, dict) else None
+    if source:
+        return str(source)
+    return f"sample {index} of the batch" if index is not None else "sample"
+
+
+def _is_local_path(source) -> bool:
+    """True for what can only be a file path (not a URL, not base64 image data)."""
+    if isinstance(source, os.PathLike):
+        return True
+    if not isinstance(source, str) or source.startswith(("http://", "https://", "data:")):
+        return False
+    if os.path.exists(source) or os.sep in source or len(source) < 64:
+        return True
+    import base64
+    import binascii
+
+    try:
+        base64.b64decode(source, validate=True)
+    except (binascii.Error, ValueError):
+        return True
+    return False
+
+
+def count_image_markers(messages) -> int:
+    """Image items (`{"type": "image"}`) plus literal `<image>` markers in the text of a conversation."""
+    count = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            count += content.count(IMAGE_TOKEN)
+        elif isinstance(content, (list, tuple)):
+            for item in content:
+                if item.get("type") == "image":
+                    count += 1
+                elif item.get("type") == "text":
+                    count += str(item.get("text", "")).count(IMAGE_TOKEN)
+    return count
+
+
+def check_sample(sample: dict, name: str, image_root: str | None = None) -> tuple[list, list]:
+    """
+    Validates one `{"messages": [...], "images": [...]}` sample and returns `(messages, images)`, image paths resolved
+    against `image_root`. Raises [`SampleError`] naming the sample for: no/empty conversation, an unknown role, content
+    that is neither text nor a list of items, no assistant reply, image markers and images that differ in number, and
+    image files that do not exist.
+    """
+    if not isinstance(sample, dict):
+        raise SampleError(f"{name}: expected a dict with 'messages' and 'images', got {type(sample).__name__}.")
+    messages = sample.get("messages")
+    if not isinstance(messages, (list, tuple)) or len(messages) == 0:
+        raise SampleError(f"{name}: empty conversation (`messages` must be a non-empty list of turns).")
+    for turn, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            role = message.get("role") if isinstance(message, dict) else message
+            raise SampleError(f"{name}: turn {turn} has role {role!r}; roles must be one of {list(ROLES)}.")
+        content = message.get("content")
+        if not isinstance(content, (str, list, tuple)):
+            raise SampleError(f"{name}: turn {turn} content must be a string or a list of items, got {content!r}.")
+        for item in content if not isinstance(content, str) else ():
+            if not isinstance(item, dict) or item.get("type") not in ("text", "image"):
+                raise SampleError(
+                    f"{name}: turn {turn} has an item {item!r}; items must be {{'type': 'text', 'text': ...}} or "
+                    "{'type': 'image'} (CLI trains on images and text only)."
+                )
+            if item["type"] == "image" and any(key in item for key in ("image", "url", "path", "base64")):
+                raise SampleError(
+                    f"{name}: turn {turn}: give images in the sample's 'images' list (in order), not inside the "
+                    "image items, which only mark where each image stands."
+                )
+    if not any(message["role"] == "assistant" for message in messages):
+        raise SampleError(f"{name}: no assistant turn, nothing to train on.")
+    images = sample.get("images") or []
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    markers = count_image_markers(messages)
+    if markers != len(images):
+        raise SampleError(
+            f"{name}: {markers} image marker(s) ({{'type': 'image'}} items or '{IMAGE_TOKEN}' in the text) but "
+            f"{len(images)} image(s) in 'images'; every image needs exactly one marker where it stands."
+        )
+    resolved = []
+    for image in images:
+        if _is_local_path(image):
+            path = os.fspath(image)
+            if image_root is not None and not os.path.isabs(path):
+                path = os.path.join(image_root, path)
+            if not os.path.isfile(path):
+                raise SampleError(f"{name}: image file {os.fspath(image)!r} not found (looked at {path!r}).")
+            image = path
+        resolved.append(image)
+    return list(messages), resolved
+
+
+def load_chat_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[dict]:
+    """
+    Reads a JSONL file of `{"messages": [...], "images": [paths]}` lines (the TRL / LLaVA chat layout: `messages` are
+    `{"role", "content"}` turns, content a string or `[{"type": "image"}, {"type": "text", "text": ...}]`; each image
+    item or literal `<image>` marks where the next image of `images` stands). Relative image paths are resolved
+    against `image_root` (default: the JSONL's folder). Every line is checked now ([`check_sample`]) so that a bad line
+    fails before training, with its line number; each returned sample carries `"source": "FILE line N"`.
+    """
+    path = os.fspath(path)
+    image_root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            name = f"{path} line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SampleError(f"{name}: not valid JSON ({error}).") from None
+            messages, images = check_sample(record, name, image_root)
+            samples.append({"messages": messages, "images": images, "source": name})
+    if not samples:
+        raise SampleError(f"{path}: no samples.")
+    return samples
+
+
+@dataclass
+class CLIDataCollator:
+    """
+    Turns chat-formatted image samples into a training batch for [`CLIForConditionalGeneration`].
+
+    Each sample is `{"messages": [...], "images": [...]}` (images as paths, PIL images, URLs or base64, one per image
+    marker, in order; see [`load_chat_jsonl`]). The batch goes through the processor's own
+    `apply_chat_template(..., tokenize=True, return_assistant_tokens_mask=True)`: the same template, image loading,
+    image processing and `<image>` expansion as inference. Padding is on the right.
+
+    Labels: the tokens the chat template marks as the assistant's reply (`{% generation %}`: the reply's text, its
+    `<|im_end|>` and the newline after it, as LLaVA-NeXT's `preprocess_qwen` trains) keep their ids; the system and user
+    turns, the `<|im_start|>assistant\\n` headers, image tokens and padding are `-100`. The model also reads `labels`
+    to keep supervised positions out of AGF's context.
+
+    Args:
+        processor ([`CLIProcessor`]): the model's processor.
+        max_length (`int`, *optional*): longest sequence allowed, image tokens included. A longer sample raises
+            [`SampleError`] naming it, unless `truncation=True`.
+        truncation (`bool`, defaults to `False`): cut samples longer than `max_length` at `max_length` tokens, which
+            only drops text at the end; a cut that would go through or before an image's tokens, or leave no
+            supervised token, still raises (image tokens are never cut, so images and features stay aligned).
+        image_root (`str`, *optional*): folder that relative image paths are resolved against.
+
+    Returns (per call): `input_ids`, `attention_mask`, `labels` `(batch, seq)`, and with images `pixel_values`,
+    `image_sizes`, `batch_num_images`.
+    """
+
+    processor: CLIProcessor
+    max_length: int | None = None
+    truncation: bool = False
+    image_root: str | None = None
+
+    def load_images(self, images: list, name: str) -> list:
+        """Loads a sample's images with the processor's own loader; failures name the sample."""
+        loaded = []
+        for image in images:
+            try:
+                loaded.append(self.processor.image_processor.fetch_images(image))
+            except (ValueError, OSError) as error:
+                raise SampleError(f"{name}: cannot load image {image!r}: {error}") from error
+        return loaded
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        if not samples:
+            raise SampleError("empty batch.")
+        names = [sample_name(sample, index) for index, sample in enumerate(samples)]
+        conversations, images = [], []
+        for sample, name in zip(samples, names):
+            messages, sample_images = check_sample(sample, name, self.image_root)
+            conversations.append(messages)
+            images.append(self.load_images(sample_images, name))
+        try:
+            batch = self.processor.apply_chat_template(
+                conversations,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=True,
+                return_tensors="pt",
+                processor_kwargs={"images": images, "padding": True, "padding_side": "right"},
+            )
+        except ValueError as error:
+            raise SampleError(f"cannot process the batch {names}: {error}") from error
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        assistant = torch.as_tensor(batch.pop("assistant_masks")).bool()
+        image_token_id = self.processor.image_token_id
+        is_image = input_ids == image_token_id
+        supervised = assistant & attention_mask.bool() & ~is_image
+        labels = torch.where(supervised, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+
+        lengths = attention_mask.sum(dim=1)
+        num_images = [len(group) for group in images]
+        expected_tokens = is_image.sum(dim=1)
+        for index, name in enumerate(names):
+            if not supervised[index].any():
+                raise SampleError(f"{names[index]}: no supervised token (the assistant replies are empty).")
+            if num_images[index] == 0 and expected_tokens[index] > 0:
+                raise SampleError(f"{name}: the text holds {IMAGE_TOKEN} tokens but the sample has no image.")
+        if self.max_length is not None and int(lengths.max()) > self.max_length:
+            for index, name in enumerate(names):
+                length = int(lengths[index])
+                if length <= self.max_length:
+                    continue
+                image_positions = is_image[index].nonzero()
+                last_image = int(image_positions.max()) + 1 if len(image_positions) else 0
+                detail = (
+                    f"{name}: {length} tokens ({int(expected_tokens[index])} of them image tokens) exceed "
+                    f"max_length={self.max_length}"
+                )
+                if not self.truncation:
+                    raise SampleError(f"{detail}; raise max_length, shorten the sample or pass truncation=True.")
+                if last_image > self.max_length:
+                    raise SampleError(f"{detail}, and truncating would cut through its image tokens (they end at "
+                                      f"position {last_image}); raise max_length or shorten the text before the image.")
+                if not supervised[index, : self.max_length].any():
+                    raise SampleError(f"{detail}, and truncating would leave no supervised token.")
+            input_ids, attention_mask, labels = (t[:, : self.max_length] for t in (input_ids, attention_mask, labels))
+        result = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        for key in ("pixel_values", "image_sizes", "batch_num_images"):
+            if key in batch:
+                result[key] = batch[key]
+        return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parameter summaries
+# ----------------------------------------------------------------------------------------------------------------------
+
+GROUPS = ("vision_tower", "projector", "amp", "agf", "llm")
+
+
+def _parameter_group(name: str) -> str:
+    """Same groups as `CLIForConditionalGeneration.parameter_group`, on names with or without PEFT's wrappers."""
+    name = name.removeprefix("base_model.model.")
+    if ".lora_" in name and not name.startswith("model.amp."):
+        return "llm_lora"
+    name = name.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
+    if name.startswith("model.amp."):
+        return "amp"
+    if name.startswith("model.language_model.agf."):
+        return "agf"
+    if name.startswith("model.vision_tower."):
+        return "vision_tower"
+    if name.startswith(("model.multi_modal_projector.", "model.image_newline")):
+        return "projector"
+    return "llm"
+
+
+def trainable_summary(model) -> dict[str, tuple[int, int]]:
+    """
+    `{group: (trainable, total)}` parameter counts of a CLI model as it stands (after `set_trainable` or PEFT), the
+    groups of `CLIForConditionalGeneration.set_trainable` plus `llm_lora` for PEFT's LoRA matrices. With PEFT's
+    `modules_to_save`, the trained copy counts and the frozen original (`original_module`) does not.
+    """
+    summary = {group: [0, 0] for group in GROUPS}
+    for name, param in model.named_parameters():
+        if ".original_module." in name:
+            continue
+        group = _parameter_group(name)
+        counts = summary.setdefault(group, [0, 0])
+        counts[1] += param.numel()
+        counts[0] += param.numel() if param.requires_grad else 0
+    return {group: tuple(counts) for group, counts in summary.items()}
+
+
+# CLI-7B: LLaVA-OneVision-Qwen2-7B (SigLIP-so400m-patch14-384 without its last layer, mlp2x_gelu, Qwen2-7B) with AMP on
+# vision layers RANGE-1-28-4 and AGF before decoder layers RANGE-1-28-4 (the model card's setting).
+CLI_7B_VISION_CONFIG = dict(
+    model_type="siglip_vision_model",
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=26,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+    vision_use_head=False,
+)
+CLI_7B_TEXT_CONFIG = dict(
+    model_type="qwen2",
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+
+def cli_7b_config(**overrides) -> CLIConfig:
+    """The CLI-7B configuration (no weights needed), e.g. to count parameters on the meta device."""
+    kwargs = dict(
+        vision_config=CLI_7B_VISION_CONFIG,
+        text_config=CLI_7B_TEXT_CONFIG,
+        image_token_index=151646,
+        video_token_index=151647,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=False,
+        vision_extraction_layers="RANGE-1-28-4",
+        llm_injection_layers="RANGE-1-28-4",
+    )
+    kwargs.update(overrides)
+    return CLIConfig(**kwargs)
+
+
+def summary_7b(trainable: str = "cli", lora_rank: int | None = None, **config_overrides) -> dict[str, tuple[int, int]]:
+    """
+    The trainable-parameter summary of CLI-7B for `set_trainable(trainable)`, computed from the configuration alone
+    (the model is built on the meta device: no memory, no weights). With `lora_rank`, instead: LoRA of that rank on the
+    LLM's decoder projections + AMP/AGF as PEFT `modules_to_save` ([`cli_peft_config`]).
+    """
+    with torch.device("meta"):
+        model = CLIForConditionalGeneration(cli_7b_config(**config_overrides))
+    if lora_rank is None:
+        return model.set_trainable(trainable, verbose=False)
+    from peft import get_peft_model
+
+    model.set_trainable("cli", verbose=False)
+    with torch.device("meta"):
+        peft_model = get_peft_model(model, cli_peft_config(model, r=lora_rank, lora_alpha=2 * lora_rank))
+    return trainable_summary(peft_model)
+
+
+def format_summary_table(summaries: dict[str, dict[str, tuple[int, int]]]) -> str:
+    """One column of trainable counts per setting (`{setting: {group: (trainable, total)}}`) beside the totals."""
+    settings = list(summaries)
+    groups = []
+    for summary in summaries.values():
+        groups.extend(group for group in summary if group not in groups)
+    width = max(14, *(len(s) + 2 for s in settings))
+    header = f"{'group':<14}{'total':>16}" + "".join(f"{s:>{width}}" for s in settings)
+    lines = [header, "-" * len(header)]
+    for group in groups:
+        total = max(summary.get(group, (0, 0))[1] for summary in summaries.values())
+        cells = "".join(f"{summary.get(group, (0, 0))[0]:>{width},}" for summary in summaries.values())
+        lines.append(f"{group:<14}{total:>16,}{cells}")
+    grand_total = sum(count[1] for count in next(iter(summaries.values())).values())
+    cells = "".join(f"{sum(c[0] for c in summary.values()):>{width},}" for summary in summaries.values())
+    lines.append(f"{'all':<14}{grand_total:>16,}{cells}")
+    percents = "".join(
+        f"{f'{100 * sum(c[0] for c in summary.values()) / sum(c[1] for c in summary.values()):.2f}%':>{width}}"
+        for summary in summaries.values()
+    )
+    lines.append(f"{'% trainable':<14}{'':>16}{percents}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PEFT: LoRA on the language model + AMP/AGF trained in full
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def cli_module_names(model) -> list[str]:
+    """Full module names of AMP (`model.amp`) and of every AGF layer (`model.language_model.agf.<j>`)."""
+    kinds = ("CLIAdaptiveMultiProjection", "CLIAdaptiveGatingFusion")
+    return sorted(name for name, module in model.named_modules() if type(module).__name__ in kinds)
+
+
+def cli_peft_config(
+    model,
+    r: int = 16,
+    lora_alpha: float = 32,
+    lora_dropout: float = 0.0,
+    target_modules: str | list[str] = LLM_LORA_TARGET_MODULES,
+    train_cli: bool = True,
+    train_projector: bool = False,
+    **lora_kwargs,
+):
+    """
+    A `peft.LoraConfig` for a CLI model: LoRA on the language model's decoder projections (`target_modules`, by default
+    the regex [`LLM_LORA_TARGET_MODULES`]: q/k/v/o and gate/up/down of `model.language_model.layers.*`, nothing in the
+    vision tower) and, with `train_cli`, AMP and each AGF module trained in full as `modules_to_save`.
+
+    AGF lives in an `nn.ModuleDict` that the decoder indexes by layer, so the entries are the AGF modules themselves
+    (`model.language_model.agf.1`, ...; PEFT's wrapper keeps their call signature), not the dict (`"agf"` would wrap
+    the dict and break indexing). `PeftModel.save_pretrained` stores LoRA + these modules, `PeftModel.from_pretrained`
+    restores them and `merge_and_unload()` gives back a plain CLI model (save it with [`save_cli_folder`]).
+
+    `train_projector` also trains the projector (`model.multi_modal_projector`) in full.
+    """
+    from peft import LoraConfig
+
+    modules_to_save = list(cli_module_names(model)) if train_cli else []
+    if train_projector:
+        modules_to_save.append("model.multi_modal_projector")
+    if train_cli and not modules_to_save:
+        raise ValueError("cli_peft_config: the model has no AMP/AGF modules; is it a CLIForConditionalGeneration?")
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save or None,
+        bias="none",
+        **lora_kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trainer helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def loss_curve(trainer_or_history) -> list[tuple[int, float]]:
+    """`[(step, loss), ...]` from a `Trainer` (or its `state.log_history`)."""
+    history = getattr(getattr(trainer_or_history, "state", None), "log_history", trainer_or_history)
+    return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry and "step" in entry]
+
+
+def format_loss_curve(curve: list[tuple[int, float]], width: int = 40) -> str:
+    """The loss curve as `step  loss  bar` lines."""
+    if not curve:
+        return "(no loss logged)"
+    top = max(loss for _, loss in curve) or 1.0
+    lines = [f"{'step':>6}  {'loss':>8}"]
+    for step, loss in curve:
+        lines.append(f"{step:>6}  {loss:>8.4f}  {'#' * max(1, round(width * loss / top))}")
+    return "\n".join(lines)
+
+
+def loss_printer(print_fn=print):
+    """A `TrainerCallback` printing `step  loss` as the Trainer logs (the live loss curve), instead of log dicts."""
+    from transformers import TrainerCallback
+
+    class LossPrinter(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            print_fn(f"{'step':>6}  {'loss':>8}")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                print_fn(f"{state.global_step:>6}  {float(logs['loss']):>8.4f}")
+
+    return LossPrinter()
+
+
+def quiet_trainer(trainer, print_fn=print):
+    """Replaces the Trainer's log-dict printer by [`loss_printer`]; returns the trainer."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(loss_printer(print_fn))
+    return trainer
+
+
+def training_arguments(output_dir, **overrides):
+    """
+    `TrainingArguments` suited to CLI fine-tuning with [`CLIDataCollator`]: `remove_unused_columns=False` (the
+    collator reads `messages` / `images`), no reporting integrations, no checkpoints, a loss logged every step.
+    """
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=os.fspath(output_dir),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def copy_remote_code(folder: str | os.PathLike) -> list[str]:
+    """Copies the repository's `configuration_cli.py`, `modeling_cli.py`, `processing_cli.py` into `folder`."""
+    copied = []
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(os.path.join(SOURCE_DIR, name), os.path.join(os.fspath(folder), name))
+        copied.append(name)
+    return copied
+
+
+def refresh_saved_folder(folder: str | os.PathLike) -> str:
+    """
+    Re-saves a CLI model folder with the repository's current code: loads model and processor with the repository's
+    classes (not the folder's copies) and saves them back in place (weights, config, generation config, processor and
+    tokenizer files, and the `configuration_cli.py` / `modeling_cli.py` / `processing_cli.py` copies). Run it after
+    changing those files so that a shipped folder never carries stale code.
+    """
+    folder = os.fspath(folder)
+    model = CLIForConditionalGeneration.from_pretrained(folder).eval()
+    processor = CLIProcessor.from_pretrained(folder)
+    save_cli_folder(model, processor, folder)
+    copy_remote_code(folder)
+    return folder
+
+
+__all__ = [
+    "CLI_7B_TEXT_CONFIG",
+    "CLI_7B_VISION_CONFIG",
+    "CLIDataCollator",
+    "IGNORE_INDEX",
+    "LLM_LORA_TARGET_MODULES",
+    "SampleError",
+    "build_tiny_cli",
+    "build_tiny_cli_checkpoint",
+    "build_tiny_tokenizer",
+    "check_sample",
+    "cli_7b_config",
+    "cli_module_names",
+    "cli_peft_config",
+    "copy_remote_code",
+    "format_loss_curve",
+    "format_summary_table",
+    "load_chat_jsonl",
+    "loss_curve",
+    "loss_printer",
+    "quiet_trainer",
+    "refresh_saved_folder",
+    "save_cli_folder",
+    "summary_7b",
+    "tiny_cli_config",
+    "tiny_processor",
+    "trainable_summary",
+    "training_arguments",
+]
