@@ -30,14 +30,14 @@ def save_gate_heatmap(gates: torch.Tensor, config, path: str, title: str = "CLI 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    limit = max(float(gates.abs().max()), 1e-6)
-    figure, axes = plt.subplots(figsize=(1.2 + 0.6 * gates.shape[1], 1.2 + 0.5 * gates.shape[0]))
+    limit = max(float(gates.abs().max()), 0.05)  # a symmetric scale; all-zero gates (an untrained model) read as 0
+    figure, axes = plt.subplots(figsize=(max(4.5, 2.0 + 0.7 * gates.shape[1]), max(3.2, 1.6 + 0.45 * gates.shape[0])))
     image = axes.imshow(gates.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     axes.set_xticks(range(gates.shape[1]), [str(k) for k in config.vision_extraction_layers])
     axes.set_yticks(range(gates.shape[0]), [str(j) for j in config.llm_injection_layers])
     axes.set_xlabel("vision extraction layer k")
     axes.set_ylabel("LLM injection layer j")
-    axes.set_title(title)
+    axes.set_title(title, fontsize=9)
     for row in range(gates.shape[0]):
         for column in range(gates.shape[1]):
             axes.text(column, row, f"{gates[row, column]:.2f}", ha="center", va="center", fontsize=7)

@@ -1,0 +1,56 @@
+"""The examples run as a newcomer runs them: the quickstart with no arguments, one-shot chat, the gate plot."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from training_cli import build_tiny_cli_checkpoint
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def run_example(script, *args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    result = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return build_tiny_cli_checkpoint(tmp_path_factory.mktemp("examples") / "tiny-cli")
+
+
+def test_quickstart_with_no_arguments_answers_and_writes_the_heat_map(tmp_path):
+    output = run_example("quickstart.py", cwd=tmp_path)
+    assert "Q: What color is the circle?" in output
+    answer = output.split("A:", 1)[1].splitlines()[0].strip()
+    assert answer
+    png = tmp_path / "cli_gates.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quickstart_with_a_model_path(tiny_checkpoint, tmp_path):
+    output = run_example("quickstart.py", "--model", str(tiny_checkpoint), "--output", "gates.png", cwd=tmp_path)
+    assert "A:" in output and (tmp_path / "gates.png").exists()
+
+
+def test_chat_one_shot_streams_an_answer(tiny_checkpoint, tmp_path):
+    image = os.path.join(EXAMPLES, "shapes_example.png")
+    output = run_example(
+        "chat.py", "--model", str(tiny_checkpoint), "--image", image, "--image", image, "--prompt", "Compare them.",
+        "--max-new-tokens", "4", cwd=tmp_path,
+    )
+    assert output.strip()
+
+
+def test_plot_gates_for_an_image_set(tiny_checkpoint, tmp_path):
+    image = os.path.join(EXAMPLES, "shapes_example.png")
+    output = run_example(
+        "plot_gates.py", "--model", str(tiny_checkpoint), "--images", image, image, "--output", "map.png", cwd=tmp_path
+    )
+    assert "wrote map.png" in output and (tmp_path / "map.png").exists()
