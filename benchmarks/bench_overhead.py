@@ -6,7 +6,7 @@ share the same base weights (CLI's LoRA `B` and gates random and non-zero, so AM
 
     python benchmarks/bench_overhead.py                 # CLI-7B's proportions scaled down: 9 cases, ~15-30 min on 2 cores
     python benchmarks/bench_overhead.py --crops 10 --batch-sizes 1 --sizes ''    # one 1476-token case, a few minutes
-    python benchmarks/bench_overhead.py --threads 1 --clock cpu --variants native,cli,cli_proposed --json out.json
+    python benchmarks/bench_overhead.py --threads 1 --clock cpu --json out.json   # on a shared CPU: thread CPU time
     python benchmarks/bench_overhead.py --tiny --repeats 1 --json /tmp/smoke.json   # smoke run (seconds)
     python benchmarks/bench_overhead.py --device cuda --dtype bfloat16
 
@@ -43,7 +43,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (  # no
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from configuration_cli import CLIConfig, parse_layer_list  # noqa: E402
-from modeling_cli import CLIForConditionalGeneration, CLIImageFeaturesOutput  # noqa: E402
+from modeling_cli import CLIForConditionalGeneration  # noqa: E402
 from processing_cli import unpadded_grid_shape  # noqa: E402
 
 REAL_TILE = 384  # LLaVA-OneVision's crop side; --sizes are given in pixels at this tile size
@@ -377,7 +377,6 @@ class StageTimer:
         self.wrap(inner, "pack_image_features", "packing")
         if hasattr(inner, "pack_into"):  # a CLI that packs into a preallocated buffer
             self.wrap(inner, "pack_into", "packing")
-        self.wrap(sys.modules[__name__], "_proposed_pack", "packing")
         self.wrap(inner.language_model, "forward", "LLM (rest: masks, rope, norm)")
         for layer in inner.language_model.layers:
             self.wrap(layer, "forward", "decoder layers")
@@ -442,271 +441,6 @@ def stage_profile(variants: dict, inputs: dict, repeats: int, device: str) -> di
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# proposed changes to modeling_cli.py, run here as an experiment (`--variants native,cli,cli_proposed`)
-#
-# 1. AMP one slot at a time: project (+ LoRA, added in place with `addmm_`) and pack the baseline and each extraction
-#    layer straight into its slot of one (N, K + 1, d) buffer: no (K + 1)-wide stack / index / cat / permute copies,
-#    and the only full-size transient is one slot's projection, as in LLaVA-OV (AMP's extra memory is the buffer).
-# 2. Packing channels-last: unpad / interpolate / newline on (rows, cols, C) with C contiguous (interpolate runs
-#    channels-last), written in place: no (C, rows, cols) transposes.
-# 3. One feature buffer: `get_image_features` keeps the packed (N, K + 1, d) buffer (`pooler_output` and
-#    `deepstack_features` are views of it) and the LLM reads it directly: no `torch.stack(torch.cat(...))` copy, so
-#    only one copy of the K feature sets lives through the LLM pass.
-# 4. AGF folded through the gate: s_k and s_h are only used as w . s, so w . MHA(q; X) = sum_h softmax(X u_h) . (X z_h)
-#    + c with parameter-only u, z, c (cached in inference): no pooled (K, h, B, d) tensors, no d x d value / output
-#    projections, no W_q / W_k / W_v / W_o reads per call. The vision side does not depend on the hidden states, so all
-#    J layers' vision terms come from one (N K, d) x (d, 2 J h) matmul at the first injection layer; each layer then
-#    reads H once (context term) and the features once (the injection, a (N, 1, K) x (N, K, d) bmm, no permute copy).
-
-
-def _pack_plans(model, crops_per_image, image_sizes, vision_aspect_ratio):
-    """Per image: `None` (base view only) or the grid's (height, width, top, left, kept h, kept w, interpolate, out h,
-    out w), and its packed token count, as `CLIModel.pack_image_features` computes them (with newlines)."""
-    config = model.config
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    max_num_crops = int(vision_aspect_ratio.removeprefix("anyres_max_"))
-    plans = []
-    for crops, image_size in zip(crops_per_image, image_sizes):
-        if crops == 1:
-            plans.append((None, side * side + 1))
-            continue
-        grid_height, grid_width = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints,
-                                                              config.vision_config.image_size)
-        rows, cols = grid_height * side, grid_width * side
-        kept_height, kept_width = unpadded_grid_shape(int(image_size[0]), int(image_size[1]), rows, cols)
-        top, left = (rows - kept_height) // 2, (cols - kept_width) // 2
-        ratio = math.sqrt(kept_height * kept_width / (max_num_crops * side**2))
-        interpolate = ratio > 1.1
-        out_height, out_width = (int(kept_height // ratio), int(kept_width // ratio)) if interpolate else (kept_height, kept_width)
-        plan = (grid_height, grid_width, top, left, kept_height, kept_width, interpolate, out_height, out_width)
-        plans.append((plan, side * side + out_height * (out_width + 1)))
-    return plans
-
-
-def _proposed_pack(side, image_features, plans, image_newline, out):
-    """
-    `CLIModel.pack_image_features` channels-last, written into `out` (`(N, C)`, any row stride): unpad, interpolate
-    (channels-last kernel) and newline on `(rows, cols, C)` with C contiguous, no `(C, rows, cols)` transposes.
-    """
-    offset = 0
-    for image_feature, (plan, num_tokens) in zip(image_features, plans):
-        dest = out[offset : offset + num_tokens]
-        offset += num_tokens
-        dest[: side * side] = image_feature[0]
-        if plan is None:
-            dest[side * side] = image_newline
-            continue
-        grid_height, grid_width, top, left, kept_height, kept_width, interpolate, out_height, out_width = plan
-        channels = image_feature.shape[-1]
-        grid = image_feature[1:].view(grid_height, grid_width, side, side, channels).permute(0, 2, 1, 3, 4)
-        grid = grid.reshape(grid_height * side, grid_width * side, channels)[top : top + kept_height, left : left + kept_width]
-        if interpolate:
-            grid = grid.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
-            grid = torch.nn.functional.interpolate(grid, [out_height, out_width], mode="bilinear")[0].permute(1, 2, 0)
-        rows = dest[side * side :].unflatten(0, (out_height, out_width + 1))
-        rows[:, :out_width] = grid
-        rows[:, out_width] = image_newline
-
-
-def _proposed_get_image_features(model, pixel_values, image_sizes, vision_feature_layer=None,
-                                 vision_feature_select_strategy=None, vision_aspect_ratio=None, batch_num_images=None,
-                                 **kwargs):
-    """
-    `CLIModel.get_image_features` one layer slot at a time: project (+ LoRA) and pack the baseline and each extraction
-    layer straight into its slot of one `(N, K + 1, d)` buffer, so the only full-size transient is one slot's
-    `(crops, patches, d)` projection (as in LLaVA-OV), not K + 1 of them plus their concatenations.
-    """
-    config = model.config
-    vision_feature_layer = config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-    vision_feature_select_strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
-    vision_aspect_ratio = vision_aspect_ratio or config.vision_aspect_ratio
-    tile = config.vision_config.image_size
-    if batch_num_images is None:
-        crops_per_image = [image_size_to_num_patches(size, config.image_grid_pinpoints, tile) for size in image_sizes]
-    else:
-        crops_per_image = [
-            image_size_to_num_patches(size, config.image_grid_pinpoints, tile) if num == 1 else 1
-            for size, num in zip(image_sizes, (n for n in batch_num_images for _ in range(n)))
-        ]
-    if pixel_values.dim() == 5:
-        pixel_values = torch.cat([crops[:num] for crops, num in zip(pixel_values, crops_per_image)], dim=0)
-    base_layer = vision_feature_layer % (config.vision_config.num_hidden_layers + 1)
-    extraction = list(config.vision_extraction_layers)
-    slots = [base_layer] + extraction  # a base layer that is also extracted gets its own slot (LoRA must not touch it)
-    for key in ("output_hidden_states", "return_dict"):
-        kwargs.pop(key, None)
-    outputs = model.vision_tower(pixel_values, output_hidden_states=sorted(set(slots)), return_dict=True, **kwargs)
-    plans = _pack_plans(model, crops_per_image, image_sizes, vision_aspect_ratio)
-    counts = [n for _, n in plans]
-    hidden_size = config.text_config.hidden_size
-    side = tile // config.vision_config.patch_size
-    buffer = model.image_newline.new_empty(sum(counts), len(slots), hidden_size)
-    amp = model.amp
-    for slot, layer in enumerate(slots):
-        features = outputs.hidden_states[layer]
-        if vision_feature_select_strategy == "default":
-            features = features[:, 1:]
-        projected = model.multi_modal_projector(features)  # (crops, patches, d)
-        if slot > 0:  # AMP: + (alpha / r) B_k A_k F_k, in place
-            low_rank = features.flatten(0, 1) @ amp.lora_A[slot - 1].T
-            projected.flatten(0, 1).addmm_(low_rank, amp.lora_B[slot - 1].T, alpha=amp.scaling)
-        _proposed_pack(side, torch.split(projected, crops_per_image, dim=0), plans, model.image_newline, buffer[:, slot])
-        del projected
-    images = torch.split(buffer, counts, dim=0)
-    result = CLIImageFeaturesOutput(
-        last_hidden_state=outputs.last_hidden_state,
-        pooler_output=[image[:, 0] for image in images],
-        deepstack_features=[[image[:, 1 + k] for image in images] for k in range(len(extraction))],
-    )
-    result.feature_buffer = buffer  # (N, K + 1, d): slot 0 the baseline, slots 1.. the AMP features
-    return result
-
-
-def _proposed_model_forward(model, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None,
-                            position_ids=None, past_key_values=None, inputs_embeds=None, vision_feature_layer=None,
-                            vision_feature_select_strategy=None, vision_aspect_ratio=None, batch_num_images=None,
-                            use_cache=None, mm_encoder_outputs=None, labels=None, output_gate_weights=None, **kwargs):
-    """`CLIModel.forward` (inference subset) feeding the LLM the `(N, K + 1, d)` buffer, without a stacked copy."""
-    import modeling_cli
-
-    if inputs_embeds is None:
-        inputs_embeds = model.get_input_embeddings()(input_ids)
-    image_outputs = (mm_encoder_outputs or {}).get("image")
-    if image_outputs is None and pixel_values is not None:
-        image_outputs = model.get_image_features(pixel_values, image_sizes, vision_feature_layer=vision_feature_layer,
-                                                 vision_feature_select_strategy=vision_feature_select_strategy,
-                                                 vision_aspect_ratio=vision_aspect_ratio, batch_num_images=batch_num_images)
-    cli_features = image_positions = context_mask = None
-    image_features = None
-    if image_outputs is not None:
-        image_features = torch.cat(list(image_outputs.pooler_output), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-        image_mask = model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds)[0][..., 0]
-        inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features)
-        cli_features = getattr(image_outputs, "feature_buffer", None)
-        if cli_features is None or cli_features.shape[0] != image_features.shape[0]:  # e.g. expanded for beams
-            cli_features = torch.stack(
-                [image_features] + [torch.cat(list(layer), dim=0) for layer in image_outputs.deepstack_features], dim=1
-            )
-        image_positions = image_mask.nonzero(as_tuple=True)
-        if hasattr(modeling_cli, "attended_positions"):
-            context_mask = modeling_cli.attended_positions(attention_mask, image_mask.shape)
-        else:
-            context_mask = torch.ones_like(image_mask)
-            if attention_mask is not None and attention_mask.dim() == 2:
-                context_mask = attention_mask[:, -image_mask.shape[1] :].bool()
-        if labels is not None:
-            context_mask = context_mask & (labels.to(context_mask.device) == -100)
-    outputs = model.language_model(
-        attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-        inputs_embeds=inputs_embeds, use_cache=use_cache, cli_features=cli_features, image_positions=image_positions,
-        context_mask=context_mask, output_gate_weights=bool(output_gate_weights), **kwargs,
-    )
-    return modeling_cli.CLIModelOutputWithPast(
-        last_hidden_state=outputs.last_hidden_state, past_key_values=outputs.past_key_values,
-        hidden_states=outputs.hidden_states, attentions=outputs.attentions, image_hidden_states=image_features,
-        gate_weights=outputs.gate_weights,
-    )
-
-
-def _gate_folding(attention, query_vector, gate_weight):
-    """
-    AGF only uses an attention output `s` through its gate, `w . s`, so fold that too: with `r = W_o^T w` split per
-    head, `z_h = W_v[h]^T r_h` and `c = r . b_v + w . b_o`, `w . MHA(q; X) = sum_h softmax(X u_h + shift_h) . (X z_h)
-    + c` (exact algebra). Returns `u, z` (d, heads), `shift` (heads,), `c` (); parameter-only, so cached in inference.
-    """
-    heads, head_dim = attention.num_heads, attention.head_dim
-    query = (query_vector @ attention.query_weight.T + attention.query_bias).view(heads, head_dim) * head_dim**-0.5
-    folded_keys = torch.einsum("hc,hcd->dh", query, attention.key_weight.view(heads, head_dim, -1))
-    shift = (query * attention.key_bias.view(heads, head_dim)).sum(-1)
-    gate_through_output = (gate_weight @ attention.output_weight).view(heads, head_dim)  # r = W_o^T w
-    folded_values = torch.einsum("hc,hcd->dh", gate_through_output, attention.value_weight.view(heads, head_dim, -1))
-    constant = (gate_through_output.flatten() * attention.value_bias).sum() + gate_weight @ attention.output_bias
-    return folded_keys, folded_values, shift, constant
-
-
-def _folded_agf(cache, agf):
-    """The vision and context foldings of one AGF, recomputed when a parameter changed (or always, with grad)."""
-    params = [p for p in agf.parameters()]
-    key = tuple((p.data_ptr(), p._version) for p in params)
-    entry = cache.get(id(agf))
-    if torch.is_grad_enabled() or entry is None or entry[0] != key:
-        vision_gate, context_gate = agf.gate_weight.chunk(2)
-        entry = (key, _gate_folding(agf.vision_attention, agf.vision_query, vision_gate),
-                 _gate_folding(agf.context_attention, agf.context_query, context_gate))
-        cache[id(agf)] = entry
-    return entry[1], entry[2]
-
-
-def _vision_terms(cache, buffer, sample_index, batch_size):
-    """`w_v . s_k` of every AGF layer, (K, batch) each, in one read of the K feature sets (no hidden-state input)."""
-    agfs = cache["agfs"]
-    num_tokens, num_slots, hidden = buffer.shape
-    heads = agfs[0].vision_attention.num_heads
-    foldings = [_folded_agf(cache, agf)[0] for agf in agfs]
-    keys, values, shifts, constants = (torch.cat([f[i].reshape(hidden, -1) if i < 2 else f[i].reshape(-1)
-                                                  for f in foldings], dim=-1) for i in range(4))
-    projected = (buffer.view(-1, hidden) @ torch.cat((keys, values), dim=1)).view(num_tokens, num_slots, -1)[:, 1:]
-    scores, token_values = projected.float().chunk(2, dim=-1)  # (N, K, J h) each
-    token_in_sample = sample_index[None, :] == torch.arange(batch_size, device=sample_index.device)[:, None]
-    scores = (scores + shifts.float()).permute(1, 2, 0).unsqueeze(2)  # (K, J h, 1, N)
-    weights = scores.masked_fill(~token_in_sample, torch.finfo(torch.float32).min).softmax(dim=-1)  # (K, J h, B, N)
-    terms = torch.einsum("kmbn,nkm->kmb", weights, token_values)  # (K, J h, B)
-    terms = terms.unflatten(1, (len(agfs), heads)).sum(2) + constants.float()[None, :, None]  # (K, J, B)
-    return list(terms.to(buffer.dtype).unbind(1)), token_in_sample
-
-
-def _proposed_agf_forward(agf, cache, hidden_states, layer_features, image_positions, context_mask):
-    batch_size = hidden_states.shape[0]
-    sample_index, seq_index = image_positions
-    key = (layer_features.data_ptr(), tuple(layer_features.shape), batch_size)
-    if cache.get("features") != key:  # the first AGF layer of a prefill: every layer's vision side at once
-        cache["features"] = key
-        cache["terms"], cache["token_in_sample"] = _vision_terms(cache, layer_features, sample_index, batch_size)
-    vision_term = cache["terms"][cache["agfs"].index(agf)]  # (K, B)
-    (keys, values, shift, constant) = _folded_agf(cache, agf)[1]
-    heads = keys.shape[1]
-    projected = (hidden_states @ torch.cat((keys, values), dim=1)).float()  # (B, S, 2 h): one read of H
-    scores = (projected[..., :heads] + shift.float()).masked_fill(~context_mask[..., None], torch.finfo(torch.float32).min)
-    context_term = (scores.softmax(dim=1) * projected[..., heads:]).sum((1, 2)) + constant.float()  # (B,)
-    gates = torch.tanh(vision_term.T + context_term.to(vision_term.dtype)[:, None] + agf.gate_bias)
-    gates = gates * cache["token_in_sample"].any(dim=-1, keepdim=True)
-    token_gates = gates.index_select(0, sample_index).to(layer_features.dtype)  # (N, K)
-    injection = torch.bmm(token_gates[:, None], layer_features[:, 1:]).squeeze(1)  # (N, d), one read of the features
-    hidden_states = hidden_states.index_put((sample_index, seq_index), injection.to(hidden_states.dtype), accumulate=True)
-    return hidden_states, gates
-
-
-class ProposedPatch:
-    """Installs / removes the proposed implementations on one CLI model instance (instance attributes only)."""
-
-    def __enter__(self):
-        self.install()
-        return self.cli
-
-    def __exit__(self, *exc):
-        self.remove()
-
-    def __init__(self, cli):
-        self.cli = cli
-        self.cache = {"agfs": list(cli.model.language_model.agf.values())}
-
-    def install(self):
-        inner = self.cli.model
-        inner.__dict__["get_image_features"] = functools.partial(_proposed_get_image_features, inner)
-        functools.update_wrapper(inner.__dict__["get_image_features"], type(inner).get_image_features)
-        inner.__dict__["forward"] = functools.partial(_proposed_model_forward, inner)
-        for agf in self.cache["agfs"]:
-            agf.__dict__["forward"] = functools.partial(_proposed_agf_forward, agf, self.cache)
-
-    def remove(self):
-        inner = self.cli.model
-        for owner, attr in [(inner, "get_image_features"), (inner, "forward")] + [(a, "forward") for a in self.cache["agfs"]]:
-            owner.__dict__.pop(attr, None)
-        for key in ("features", "terms", "token_in_sample"):
-            self.cache.pop(key, None)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # FLOPs
 
 
@@ -725,7 +459,7 @@ def count_image_tokens(dims: dict, image_size: tuple[int, int], base_view_only: 
     return crops, side * side + rows * (cols + 1)
 
 
-def flop_count(dims: dict, crops: int, image_tokens: int, seq_len: int, batch: int, base_in_extraction: bool = False):
+def flop_count(dims: dict, crops: int, image_tokens: int, seq_len: int, batch: int):
     """
     Multiply-adds x 2 of one prefill (images encoded + prompt forward, last-token logits) for the native model, and
     what CLI adds, by component. `crops` / `image_tokens` are per sample; `seq_len` the prompt length per sample.
@@ -753,17 +487,17 @@ def flop_count(dims: dict, crops: int, image_tokens: int, seq_len: int, batch: i
     native = dict(vision_tower=vision, projector=projector, llm=llm, lm_head=lm_head)
     native["total"] = sum(native.values())
 
-    extra_passes = k - (1 if base_in_extraction else 0)
-    amp_projector = extra_passes * crop_tokens * projector_pass
+    # K extra projector passes: the baseline keeps its own slot even when its layer is also an extraction layer
+    amp_projector = k * crop_tokens * projector_pass
     amp_lora = k * crop_tokens * 2 * r * (dv + d)
-    # AGF per injection layer, folded single-query attentions (u = W_k^T W_q q costs O(d^2), per layer, not per token):
-    #   vision scores V_k @ u: 2 K N d h; pooling over each sample's tokens (the (K, h*B, N) x (K, N, d) matmul reads
-    #   every sample's tokens for every sample, B x the useful work): 2 K h B N d; value/output projections of the
-    #   (K, B) summaries and the context ones: 2 (K + 1) B (h d + d^2) + the folding 2 * 2 (d^2 + d^2);
-    #   context scores and pooling: 2 B S d h + 2 B h S d; injection sum_k g_k V_k: 2 K N d
-    agf_vision = j * (2 * k * n * d * agf_heads + 2 * k * agf_heads * batch * n * d)
-    agf_context = j * (2 * batch * s * d * agf_heads * 2)
-    agf_small = j * (2 * (k + 1) * batch * (agf_heads * d + d * d) + 4 * 2 * d * d)
+    # AGF per injection layer, as modeling_cli's CLISingleQueryAttention computes it (attention folded through the
+    # gate readout w: w . MHA(q; X) = sum_h softmax(X u_h) . (X z_h) + c): one (tokens, d) x (d, 2 h) matmul per
+    # attention, over the K feature sets (2 K N d 2h) and the context (2 B S d 2h); the folding itself, per call:
+    # W_q q, W_o^T w, u = W_k^T Q, z = W_v^T r, 4 x 2 d^2 per attention, two attentions; injection sum_k g_k V_k: 2 K N d.
+    # (The softmax-weighted sums are element-wise: not counted.)
+    agf_vision = j * (2 * k * n * d * 2 * agf_heads)
+    agf_context = j * (2 * batch * s * d * 2 * agf_heads)
+    agf_small = j * (2 * 4 * 2 * d * d)
     injection = j * 2 * k * n * d
     cli = dict(amp_projector=amp_projector, amp_lora=amp_lora, agf_vision=agf_vision, agf_context=agf_context,
                agf_small=agf_small, injection=injection)
@@ -812,7 +546,7 @@ def machine_name(device: str) -> str:
 
 
 class Plain:
-    """A model used as it is (context-manager twin of `ProposedPatch`)."""
+    """A model as a context manager (`with models[name] as model`), so that a variant could patch and unpatch one."""
 
     def __init__(self, model):
         self.model = model
@@ -869,12 +603,6 @@ def run_case(models: dict, scenario: dict, batch: int, args, dims: dict) -> dict
                for key in ("prefill_s", "decode_s_per_token", "peak_bytes_beyond_weights")}
         for name in names if name != "native"
     }
-    if "cli" in models and "cli_proposed" in models:  # the proposed changes compute the same thing
-        logits = {}
-        for name in ("cli", "cli_proposed"):
-            with models[name] as model, torch.no_grad():
-                logits[name] = model(**model_inputs(inputs[name]), logits_to_keep=1).logits.float()
-        result["cli_proposed_max_abs_logit_diff"] = float((logits["cli"] - logits["cli_proposed"]).abs().max())
     result["flops"] = flop_count(dims, crops, image_tokens, seq_len, batch)
     floor = memory_floor(dims, image_tokens, batch, torch.finfo(dtype).bits // 8)
     native_peak = result["native"]["peak_bytes_beyond_weights"]
@@ -902,9 +630,7 @@ def run_case(models: dict, scenario: dict, batch: int, args, dims: dict) -> dict
 def print_case(result: dict, names: list) -> None:
     head = (f"{result['scenario']:>16} b={result['batch_size']} crops={result['crops_per_sample']:>2} "
             f"img_tok={result['image_tokens_per_sample']:>5} seq={result['seq_len']:>5} |g|={result['mean_abs_gate']:.2f}")
-    print(head + f"  FLOPs x{result['flops']['ratio']:.4f}, memory floor x{result['memory_floor_ratio']:.3f}"
-          + (f", proposed vs cli max |logit diff| {result['cli_proposed_max_abs_logit_diff']:.1e}"
-             if "cli_proposed_max_abs_logit_diff" in result else ""))
+    print(head + f"  FLOPs x{result['flops']['ratio']:.4f}, memory floor x{result['memory_floor_ratio']:.3f}")
     for name in names:
         figures = result[name]
         line = (f"{'':>6}{name:<13} prefill {figures['prefill_s'] * 1e3:9.1f} ms  "
@@ -941,7 +667,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed generate() calls per variant and case")
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per call (min = max)")
     parser.add_argument("--variants", default="native,cli",
-                        help="native, cli, cli_proposed (CLI with the changes proposed in README, monkeypatched)")
+                        help="'native' or 'native,cli' (the order of the interleaved runs starts here)")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-stage prefill profile")
     parser.add_argument("--profile-repeats", type=int, default=3)
     parser.add_argument("--profile-batch-sizes", default="1", help="batch sizes that get the stage profile")
@@ -955,8 +681,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if args.variants[0] != "native" or not set(args.variants) <= {"native", "cli", "cli_proposed"}:
-        parser.error("--variants: 'native' first, then any of 'cli', 'cli_proposed'")
+    if args.variants[0] != "native" or not set(args.variants) <= {"native", "cli"} or len(set(args.variants)) != len(args.variants):
+        parser.error("--variants: 'native' or 'native,cli'")
     args.profile_batch_sizes = {int(b) for b in args.profile_batch_sizes.split(",") if b.strip()}
     if args.tiny and args.new_tokens == parser.get_default("new_tokens"):
         args.new_tokens = 3
@@ -976,7 +702,7 @@ def main(argv=None) -> dict:
     dims = TINY if args.tiny else BENCH
     native, cli = build_models(dims, args.dtype, args.device, args.attn)
     params = parameter_counts(native, cli)
-    available = {"native": Plain(native), "cli": Plain(cli), "cli_proposed": ProposedPatch(cli)}
+    available = {"native": Plain(native), "cli": Plain(cli)}
     models = {name: available[name] for name in args.variants}
     scenarios = []
     for crops in [int(c) for c in args.crops.split(",") if c.strip()]:
