@@ -3,11 +3,11 @@ CLI in one command, offline: load a CLI checkpoint through `AutoModel(..., trust
 about a bundled image with `pipeline("image-text-to-text")`, and save the heat map of the gate weights (LLM injection
 layer x vision extraction layer) as a PNG.
 
-    python examples/quickstart.py                                   # the tiny shapes model shipped in examples/
+    python examples/quickstart.py                                   # examples/shapes/model if shipped, else tiny random
     python examples/quickstart.py --tiny-random                     # a tiny random model, built once into examples/_cache
     python examples/quickstart.py --model PATH_OR_REPO --image photo.jpg --question "What is shown?"
 
-With no `--model`, it uses `examples/shapes_model` (a tiny CLI model trained from scratch by
+With no `--model`, it uses `examples/shapes/model` (a tiny CLI model trained from scratch by
 `examples/finetune.py --recipe shapes` to answer questions about coloured shapes), or builds a tiny random checkpoint
 (a real Qwen2-style tokenizer and the qwen_1_5 chat template, random weights: its answers are noise) when that folder is
 missing or `--tiny-random` is given.
@@ -22,7 +22,7 @@ from PIL import Image
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
 
 EXAMPLES = os.path.dirname(os.path.abspath(__file__))
-SHAPES_MODEL = os.path.join(EXAMPLES, "shapes_model")
+SHAPES_MODEL = os.path.join(EXAMPLES, "shapes", "model")
 SHAPES_IMAGE = os.path.join(EXAMPLES, "shapes_example.png")
 SHAPES_QUESTION = "What color is the circle?"
 TINY_RANDOM_MODEL = os.path.join(EXAMPLES, "_cache", "tiny-random-cli")
