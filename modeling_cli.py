@@ -688,7 +688,8 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, LlavaOnevisionForCondition
         "all": ("amp", "agf", "projector", "llm", "vision_tower"),
     }
 
-    def parameter_group(self, name: str) -> str:
+    @staticmethod
+    def parameter_group(name: str) -> str:
         """The group of a parameter name: `vision_tower`, `projector` (+ `image_newline`), `amp`, `agf` or `llm`."""
         if name.startswith("model.amp."):
             return "amp"

@@ -530,15 +530,7 @@ def _parameter_group(name: str) -> str:
     if ".lora_" in name and not name.startswith("model.amp."):
         return "llm_lora"
     name = name.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
-    if name.startswith("model.amp."):
-        return "amp"
-    if name.startswith("model.language_model.agf."):
-        return "agf"
-    if name.startswith("model.vision_tower."):
-        return "vision_tower"
-    if name.startswith(("model.multi_modal_projector.", "model.image_newline")):
-        return "projector"
-    return "llm"
+    return CLIForConditionalGeneration.parameter_group(name)
 
 
 def trainable_summary(model) -> dict[str, tuple[int, int]]:
