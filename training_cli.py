@@ -234,25 +234,29 @@ def tiny_cli_config(tokenizer, **overrides) -> CLIConfig:
     return CLIConfig(**kwargs)
 
 
-def tiny_processor(tokenizer) -> CLIProcessor:
-    """A [`CLIProcessor`] for the tiny models: 48 x 48 views, the tiny pinpoints, 9 tokens per view."""
+def tiny_processor(tokenizer, patch_size: int = TINY_PATCH_SIZE) -> CLIProcessor:
+    """A [`CLIProcessor`] for the tiny models: 48 x 48 views, the tiny pinpoints, `(48 // patch_size) ** 2` tokens a view."""
     image_processor = CLIImageProcessor(
         size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, image_grid_pinpoints=TINY_PINPOINTS
     )
     return CLIProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        num_image_tokens=(TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2,
+        num_image_tokens=(TINY_IMAGE_SIZE // patch_size) ** 2,
         vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9",
     )
 
 
-def build_tiny_cli(seed: int = 0, **config_overrides):
-    """`(model, processor)`: a randomly initialised tiny CLI model (eval mode, fp32) and its processor."""
+def build_tiny_cli(seed: int = 0, patch_size: int = TINY_PATCH_SIZE, **config_overrides):
+    """
+    `(model, processor)`: a randomly initialised tiny CLI model (eval mode, fp32) and its processor; `patch_size`
+    divides the 48-pixel view, `config_overrides` go to [`tiny_cli_config`].
+    """
     tokenizer = build_tiny_tokenizer()
-    processor = tiny_processor(tokenizer)
-    config = tiny_cli_config(tokenizer, **config_overrides)
+    processor = tiny_processor(tokenizer, patch_size)
+    vision_config = {**config_overrides.pop("vision_config", {}), "patch_size": patch_size}
+    config = tiny_cli_config(tokenizer, vision_config=vision_config, **config_overrides)
     torch.manual_seed(seed)
     model = CLIForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = config.eos_token_id

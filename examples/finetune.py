@@ -39,18 +39,22 @@ import training_cli  # noqa: E402
 
 SHAPES_MODEL_DIR = os.path.join(HERE, "shapes", "model")
 
-# The shapes recipe (all weights of the tiny model from random init). Tuned to reach >= 90% held-out exact match.
+# The shapes recipe: all weights of the tiny model from random init. What made it learn (measured on 2 CPU cores): a
+# learning rate of 5e-4 (2e-3 and above never learn to tell the shapes apart), the LLM initialised with std 0.1 instead
+# of 0.02 (with 0.02 its attention stays uniform for hundreds of steps) and one vision patch per grid cell.
 SHAPES_RECIPE = dict(
     seed=0,
     model_seed=0,
     max_steps=900,
     batch_size=32,
-    learning_rate=3e-3,
+    learning_rate=5e-4,
     warmup_steps=30,
     weight_decay=0.0,
+    text_initializer_range=0.1,
     data_seed=1,
     heldout_seed=12345,
     heldout_size=150,
+    target_accuracy=0.9,
 )
 
 
@@ -185,13 +189,15 @@ def finetune(args):
 
 def train_shapes(args):
     """Trains the tiny shapes model from random init (all weights) and saves it to --output (examples/shapes/model)."""
-    from shapes_data import ShapesDataset, accuracy, generate_examples
+    from shapes_data import CELL, ShapesDataset, accuracy, generate_examples
     from transformers import Trainer, set_seed
 
     recipe = dict(SHAPES_RECIPE)
     output = args.output or SHAPES_MODEL_DIR
     set_seed(recipe["seed"])
-    model, processor = training_cli.build_tiny_cli(seed=recipe["model_seed"])
+    model, processor = training_cli.build_tiny_cli(
+        seed=recipe["model_seed"], patch_size=CELL, text_config={"initializer_range": recipe["text_initializer_range"]}
+    )
     model.set_trainable("all", verbose=False)
     print(training_cli.format_parameter_summary(training_cli.trainable_summary(model)) + "\n")
     dataset = ShapesDataset(recipe["max_steps"] * recipe["batch_size"], seed=recipe["data_seed"])
@@ -221,6 +227,10 @@ def train_shapes(args):
     heldout = generate_examples(recipe["heldout_size"], seed=recipe["heldout_seed"])
     score, per_kind = accuracy(model, processor, heldout)
     print(f"\ntrained {trainer.state.global_step} steps in {elapsed:.0f}s; held-out exact match {score:.3f} {per_kind}")
+    if score < recipe["target_accuracy"] and not args.output:
+        # examples/shapes/model is the quickstart's default and is tested for the target: never ship a weaker model
+        output = os.path.join(HERE, "_cache", "shapes_model_below_target")
+        print(f"held-out exact match {score:.3f} < {recipe['target_accuracy']}: not replacing {SHAPES_MODEL_DIR}")
     training_cli.save_cli_folder(model, processor, output)
     size = sum(os.path.getsize(os.path.join(output, name)) for name in os.listdir(output))
     print(f"saved to {output} ({size / 1e6:.1f} MB)")

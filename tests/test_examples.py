@@ -8,6 +8,9 @@ import pytest
 from training_cli import build_tiny_cli_checkpoint
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+SHAPES_MODEL_SHIPPED = os.path.exists(os.path.join(EXAMPLES, "shapes", "model", "config.json"))
+sys.path.insert(0, os.path.join(EXAMPLES, "shapes"))
+import shapes_data  # noqa: E402
 
 
 def run_example(script, *args, cwd):
@@ -30,8 +33,18 @@ def test_quickstart_with_no_arguments_answers_and_writes_the_heat_map(tmp_path):
     assert "Q: What color is the circle?" in output
     answer = output.split("A:", 1)[1].splitlines()[0].strip()
     assert answer
+    if SHAPES_MODEL_SHIPPED:  # the default is the trained shapes model: the newcomer's first answer is right
+        (circle,) = [shape for shape in shapes_data.EXAMPLE_SCENE if shape.shape == "circle"]
+        assert answer == circle.color, output
     png = tmp_path / "cli_gates.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_bundled_image_is_the_example_scene():
+    from PIL import Image, ImageChops
+
+    bundled = Image.open(os.path.join(EXAMPLES, "shapes_example.png")).convert("RGB")
+    assert ImageChops.difference(bundled, shapes_data.render_scene(shapes_data.EXAMPLE_SCENE)).getbbox() is None
 
 
 def test_quickstart_with_a_model_path(tiny_checkpoint, tmp_path):

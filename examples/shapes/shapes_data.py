@@ -1,7 +1,7 @@
 # Copyright 2026 The CLI for transformers authors. Licensed under the Apache License, Version 2.0.
 """
-Generated "coloured shapes" visual question answering: small images with circles, squares and triangles in four
-colours on a 4 x 4 grid, and three kinds of questions with a tiny answer space (colours, digits, yes/no):
+Generated "coloured shapes" visual question answering: 48 x 48 images with circles, squares and triangles in four
+colours on a 2 x 2 grid, and three kinds of questions with a tiny answer space (colours, digits, yes/no):
 
     What color is the circle?              -> red | green | blue | yellow
     How many squares are there?            -> 0 .. 4
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 48  # pixels; a 3 x 3 grid of 16-pixel cells, one cell per vision patch of the shapes model
-GRID = 3
+IMAGE_SIZE = 48  # pixels; a 2 x 2 grid of 24-pixel cells, one cell per vision patch of the shapes model
+GRID = 2
 CELL = IMAGE_SIZE // GRID
-SHAPE_SIZE = 14
+SHAPE_SIZE = CELL - 2
 SHAPES = ("circle", "square", "triangle")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
@@ -47,7 +47,7 @@ class ShapeObject:
 
 
 def random_scene(rng: random.Random) -> list[ShapeObject]:
-    """2..5 objects in distinct grid cells, each a random shape and colour (at most MAX_COUNT of one shape)."""
+    """MIN_OBJECTS..MAX_OBJECTS objects in distinct cells, each a random shape and colour (<= MAX_COUNT of a shape)."""
     while True:
         count = rng.randint(MIN_OBJECTS, MAX_OBJECTS)
         cells = rng.sample(range(GRID * GRID), count)
@@ -72,6 +72,15 @@ def render_scene(scene: list[ShapeObject]) -> Image.Image:
         else:
             draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=color)
     return image
+
+
+# The quickstart's image (examples/shapes_example.png): "What color is the circle?" -> "blue".
+EXAMPLE_SCENE = (
+    ShapeObject("square", "red", 0, 0),
+    ShapeObject("circle", "blue", 0, 1),
+    ShapeObject("triangle", "green", 1, 0),
+    ShapeObject("square", "yellow", 1, 1),
+)
 
 
 def unique(scene, shape):
