@@ -40,14 +40,15 @@ import training_cli  # noqa: E402
 SHAPES_MODEL_DIR = os.path.join(HERE, "shapes", "model")
 
 # The shapes recipe: all weights of the tiny model from random init. What made it learn (measured on 2 CPU cores): a
-# learning rate of 5e-4 (2e-3 and above never learn to tell the shapes apart), the LLM initialised with std 0.1 instead
-# of 0.02 (with 0.02 its attention stays uniform for hundreds of steps) and one vision patch per grid cell.
+# learning rate of at most 1e-3 (2e-3 and above never learn to tell the shapes apart), the LLM initialised with std 0.1
+# instead of 0.02 (with 0.02 its attention stays uniform for hundreds of steps) and one vision patch per grid cell.
+# Measured with these values: colour 1.00, count 0.92, "left of" 0.50 (chance): 0.807 held out, below the 0.9 target.
 SHAPES_RECIPE = dict(
     seed=0,
     model_seed=0,
-    max_steps=900,
+    max_steps=1500,
     batch_size=32,
-    learning_rate=5e-4,
+    learning_rate=1e-3,
     warmup_steps=30,
     weight_decay=0.0,
     text_initializer_range=0.1,
