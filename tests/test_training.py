@@ -462,14 +462,6 @@ def test_cli_module_names_and_lora_targets():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-# The shapes model (issue 7) is not shipped yet: `examples/finetune.py --recipe shapes` has not reached 90 % held-out
-# accuracy within the time budget. These tests run as soon as examples/shapes/model exists.
-needs_shipped_model = pytest.mark.skipif(
-    not (SHAPES_MODEL / "config.json").exists(), reason="examples/shapes/model is not shipped yet (issue 7)"
-)
-
-
-@needs_shipped_model
 def test_shipped_shapes_model_code_is_the_repository_code():
     for name in training_cli.REMOTE_CODE_FILES:
         assert (SHAPES_MODEL / name).read_bytes() == (ROOT / name).read_bytes(), (
@@ -477,7 +469,6 @@ def test_shipped_shapes_model_code_is_the_repository_code():
         )
 
 
-@needs_shipped_model
 def test_shipped_shapes_model_answers_fresh_questions():
     from transformers import AutoModel, AutoProcessor
 

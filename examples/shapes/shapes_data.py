@@ -5,7 +5,7 @@ colours on a 2 x 2 grid, and three kinds of questions with a tiny answer space (
 
     What color is the circle?              -> red | green | blue | yellow
     How many squares are there?            -> 0 .. 4
-    Is the triangle left of the circle?    -> yes | no
+    Is the triangle on the left?           -> yes | no
 
 Everything is a pure function of a seed (`random.Random`), so a data set, a held-out set and a test are reproducible.
 
@@ -99,16 +99,13 @@ def ask(scene: list[ShapeObject], kind: str, rng: random.Random) -> tuple[str, s
     if kind == "count":
         shape = rng.choice(SHAPES)
         return f"How many {PLURALS[shape]} are there?", str(sum(o.shape == shape for o in scene))
-    pairs = [
-        (a, b)
-        for a in (unique(scene, s) for s in SHAPES)
-        for b in (unique(scene, s) for s in SHAPES)
-        if a is not None and b is not None and a.shape != b.shape and a.col != b.col
-    ]
-    if not pairs:
+    # One shape, not two ("Is the triangle left of the circle?"): the tiny model from scratch stays at chance on the
+    # two-shape form within the recipe's budget (issue 7's closing note), the one-shape form it learns.
+    candidates = [o for o in (unique(scene, s) for s in SHAPES) if o is not None]
+    if not candidates:
         return None
-    a, b = rng.choice(pairs)
-    return f"Is the {a.shape} left of the {b.shape}?", "yes" if a.col < b.col else "no"
+    obj = rng.choice(candidates)
+    return f"Is the {obj.shape} on the left?", "yes" if obj.col == 0 else "no"
 
 
 DESCRIBE = "Describe the grid."
@@ -196,9 +193,7 @@ def corpus() -> str:
     for shape in SHAPES:
         lines.append(f"What color is the {shape}?")
         lines.append(f"How many {PLURALS[shape]} are there?")
-        for other in SHAPES:
-            if other != shape:
-                lines.append(f"Is the {shape} left of the {other}?")
+        lines.append(f"Is the {shape} on the left?")
     lines.extend(ANSWERS)
     lines.append(DESCRIBE)
     lines.extend(describe([ShapeObject(shape, color, 0, 0)]) for shape in SHAPES for color in COLORS)
