@@ -179,12 +179,12 @@ TINY_PATCH_SIZE = 16
 TINY_PINPOINTS = [[TINY_IMAGE_SIZE * rows, TINY_IMAGE_SIZE * cols] for rows in range(1, 4) for cols in range(1, 4)]
 
 
-def tiny_cli_config(tokenizer, **overrides) -> CLIConfig:
+def tiny_cli_config(tokenizer, patch_size: int = TINY_PATCH_SIZE, **overrides) -> CLIConfig:
     """
     The configuration of a tiny CLI model for `tokenizer` (vocabulary, `<image>`, eos and pad ids): a 2-layer SigLIP
-    (48 x 48 views, 16-pixel patches), a 4-layer Qwen2 of width 128, AMP on vision layers [1, 2] and AGF before decoder
-    layers [1, 2]. `overrides` replace top-level `CLIConfig` arguments; `text_config` / `vision_config` dicts are
-    merged into the defaults.
+    (48 x 48 views, `patch_size`-pixel patches), a 4-layer Qwen2 of width 128, AMP on vision layers [1, 2] and AGF
+    before decoder layers [1, 2]. `overrides` replace top-level `CLIConfig` arguments; `text_config` / `vision_config`
+    dicts are merged into the defaults.
     """
     vision_config = dict(
         model_type="siglip_vision_model",
@@ -193,7 +193,7 @@ def tiny_cli_config(tokenizer, **overrides) -> CLIConfig:
         num_hidden_layers=2,
         num_attention_heads=4,
         image_size=TINY_IMAGE_SIZE,
-        patch_size=TINY_PATCH_SIZE,
+        patch_size=patch_size,
         vision_use_head=False,
     )
     text_config = dict(
@@ -235,7 +235,7 @@ def tiny_cli_config(tokenizer, **overrides) -> CLIConfig:
 
 
 def tiny_processor(tokenizer, patch_size: int = TINY_PATCH_SIZE) -> CLIProcessor:
-    """A [`CLIProcessor`] for the tiny models: 48 x 48 views, the tiny pinpoints, `(48 // patch_size) ** 2` tokens a view."""
+    """A [`CLIProcessor`] for the tiny models: 48 x 48 views, tiny pinpoints, `(48 // patch_size) ** 2` tokens a view."""
     image_processor = CLIImageProcessor(
         size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, image_grid_pinpoints=TINY_PINPOINTS
     )
@@ -255,8 +255,7 @@ def build_tiny_cli(seed: int = 0, patch_size: int = TINY_PATCH_SIZE, **config_ov
     """
     tokenizer = build_tiny_tokenizer()
     processor = tiny_processor(tokenizer, patch_size)
-    vision_config = {**config_overrides.pop("vision_config", {}), "patch_size": patch_size}
-    config = tiny_cli_config(tokenizer, vision_config=vision_config, **config_overrides)
+    config = tiny_cli_config(tokenizer, patch_size, **config_overrides)
     torch.manual_seed(seed)
     model = CLIForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = config.eos_token_id

@@ -24,23 +24,13 @@ for path in (str(ROOT), str(SHAPES_DIR), str(ROOT / "examples")):
 
 import shapes_data  # noqa: E402
 import training_cli  # noqa: E402
+from tiny_models import randomize_cli_modules  # noqa: E402
 from training_cli import IGNORE_INDEX, CLIDataCollator, SampleError  # noqa: E402
 
 BLOCK_PROJECT_IMPORTS = (
     "import sys\nfor name in ('configuration_cli', 'modeling_cli', 'processing_cli', 'training_cli'):\n"
     "    sys.modules[name] = None\n"
 )
-
-
-def randomize_cli_modules(model, seed=1, scale=0.5):
-    """Non-zero LoRA B, gates and AGF biases, so that AMP and the injection really run."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("amp.lora_B", "gate_weight", "gate_bias")):
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
-            elif ".agf." in name and name.endswith("_bias"):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 def is_cli_parameter(name):

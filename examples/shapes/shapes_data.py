@@ -34,8 +34,6 @@ BACKGROUND = (255, 255, 255)
 MIN_OBJECTS, MAX_OBJECTS = 1, 4
 MAX_COUNT = 4
 QUESTION_KINDS = ("color", "count", "left")
-# Every word questions and answers use: the shapes tokenizer learns each as one token.
-ANSWERS = tuple(COLORS) + tuple(str(n) for n in range(MAX_COUNT + 1)) + ("yes", "no")
 
 
 @dataclass(frozen=True)
@@ -108,48 +106,23 @@ def ask(scene: list[ShapeObject], kind: str, rng: random.Random) -> tuple[str, s
     return f"Is the {obj.shape} on the left?", "yes" if obj.col == 0 else "no"
 
 
-DESCRIBE = "Describe the grid."
-
-
-def describe(scene: list[ShapeObject]) -> str:
-    """The grid cell by cell in reading order: `"red circle, none, blue square, ..."` (`none` = empty cell)."""
-    cells = {(o.row, o.col): f"{o.color} {o.shape}" for o in scene}
-    return ", ".join(cells.get((row, col), "none") for row in range(GRID) for col in range(GRID))
-
-
-def make_example(
-    rng: random.Random,
-    kind: str | None = None,
-    extra_questions: int = 0,
-    question_first: bool = False,
-    with_description: bool = False,
-) -> dict:
+def make_example(rng: random.Random, kind: str | None = None) -> dict:
     """
-    One example: `{"messages": [user: image + question, assistant: answer, ...], "images": [PIL image], "question",
-    "answer", "kind"}` (the last three describe the first question). `kind` is one of QUESTION_KINDS (random if None).
-
-    `extra_questions` adds follow-up exchanges about the same image (random kinds), `question_first` puts the question
-    text before the image in the first user turn, `with_description` ends with "Describe the grid." -> [`describe`].
+    One example: `{"messages": [user: image + question, assistant: answer], "images": [PIL image], "question",
+    "answer", "kind"}`. `kind` is one of QUESTION_KINDS (random if None).
     """
-    kinds = [kind or rng.choice(QUESTION_KINDS)] + [rng.choice(QUESTION_KINDS) for _ in range(extra_questions)]
+    kind = kind or rng.choice(QUESTION_KINDS)
     while True:
         scene = random_scene(rng)
-        qas = [ask(scene, k, rng) for k in kinds]
-        if all(qa is not None for qa in qas):
+        qa = ask(scene, kind, rng)
+        if qa is not None:
             break
-    image = render_scene(scene)
-    messages = []
-    for index, (question, answer) in enumerate(qas):
-        content = [{"type": "text", "text": question}]
-        if index == 0:
-            content = content + [{"type": "image"}] if question_first else [{"type": "image"}] + content
-        messages.append({"role": "user", "content": content})
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    if with_description:
-        messages.append({"role": "user", "content": [{"type": "text", "text": DESCRIBE}]})
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": describe(scene)}]})
-    question, answer = qas[0]
-    return {"messages": messages, "images": [image], "question": question, "answer": answer, "kind": kinds[0]}
+    question, answer = qa
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+    return {"messages": messages, "images": [render_scene(scene)], "question": question, "answer": answer, "kind": kind}
 
 
 def generate_examples(num: int, seed: int = 0) -> list[dict]:
@@ -161,8 +134,8 @@ def generate_examples(num: int, seed: int = 0) -> list[dict]:
 class ShapesDataset:
     """A map-style data set of `size` examples; example `i` is `make_example` with the seed `(seed, i)` (no storage)."""
 
-    def __init__(self, size: int, seed: int = 0, **example_kwargs):
-        self.size, self.seed, self.example_kwargs = size, seed, example_kwargs
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seed = size, seed
 
     def __len__(self):
         return self.size
@@ -171,7 +144,7 @@ class ShapesDataset:
         if not 0 <= index < self.size:
             raise IndexError(index)
         rng = random.Random(self.seed * 1_000_003 + index)
-        return make_example(rng, QUESTION_KINDS[index % len(QUESTION_KINDS)], **self.example_kwargs)
+        return make_example(rng, QUESTION_KINDS[index % len(QUESTION_KINDS)])
 
 
 def write_jsonl(folder: str | os.PathLike, num: int, seed: int = 0, name: str = "data.jsonl") -> str:
@@ -185,19 +158,6 @@ def write_jsonl(folder: str | os.PathLike, num: int, seed: int = 0, name: str = 
             example["images"][0].save(os.path.join(folder, image_path))
             f.write(json.dumps({"messages": example["messages"], "images": [image_path]}) + "\n")
     return path
-
-
-def corpus() -> str:
-    """Text with every question and answer form, for learning the shapes tokenizer's merges."""
-    lines = []
-    for shape in SHAPES:
-        lines.append(f"What color is the {shape}?")
-        lines.append(f"How many {PLURALS[shape]} are there?")
-        lines.append(f"Is the {shape} on the left?")
-    lines.extend(ANSWERS)
-    lines.append(DESCRIBE)
-    lines.extend(describe([ShapeObject(shape, color, 0, 0)]) for shape in SHAPES for color in COLORS)
-    return "\n".join(lines) + "\n"
 
 
 def question_messages(example: dict) -> list[dict]:
