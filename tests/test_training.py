@@ -469,3 +469,29 @@ def test_shipped_shapes_model_answers_fresh_questions():
     assert score >= 0.9, (score, per_kind)
     size = sum(f.stat().st_size for f in SHAPES_MODEL.iterdir() if f.is_file())
     assert size < 8e6, size
+
+
+def test_shapes_recipe_below_target_never_replaces_the_shipped_model(tmp_path, monkeypatch):
+    import shutil
+
+    import finetune
+
+    shipped = tmp_path / "shipped"  # a copy stands in for examples/shapes/model, so a broken guard harms nothing
+    shutil.copytree(SHAPES_MODEL, shipped)
+    before = {f.name: f.read_bytes() for f in shipped.iterdir()}
+    monkeypatch.setattr(finetune, "SHAPES_MODEL_DIR", str(shipped))
+    monkeypatch.setattr(finetune, "HERE", str(tmp_path))  # the Trainer's run folder and the fallback land here
+    monkeypatch.setitem(finetune.SHAPES_RECIPE, "max_steps", 2)
+    monkeypatch.setitem(finetune.SHAPES_RECIPE, "heldout_size", 6)
+    threads = torch.get_num_threads()
+    try:
+        score = finetune.train_shapes(finetune.parse_args(["--recipe", "shapes"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert score < finetune.SHAPES_RECIPE["target_accuracy"]
+    assert {f.name: f.read_bytes() for f in shipped.iterdir()} == before
+    # the fallback is a complete model whose geometry matches its processor: 24-pixel patches, 4 tokens a view
+    fallback = tmp_path / "_cache" / "shapes_model_below_target"
+    model = training_cli.CLIForConditionalGeneration.from_pretrained(fallback)
+    assert model.config.vision_config.patch_size == shapes_data.CELL == 24
+    assert json.loads((fallback / "processor_config.json").read_text())["num_image_tokens"] == 4
