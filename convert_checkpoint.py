@@ -1561,7 +1561,7 @@ def write_weights(plan: Plan, folder: Path, progress: bool = True, allow_nonfini
 
         def produce(shard):
             for name in shard:
-                if produced:
+                if len(produced) == 1:  # the first tensor is written
                     _test_pause()
                 target = plan.targets[name]
                 tensor = build(target).to(target.dtype)

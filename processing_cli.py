@@ -4,7 +4,6 @@
 import base64
 import binascii
 import io
-import json
 import math
 import os
 import re
@@ -134,35 +133,6 @@ def add_cli_special_tokens(tokenizer) -> dict[str, int]:
             )
         ids[name] = tokenizer.convert_tokens_to_ids(token)
     return ids
-
-
-# What `from_pretrained` records about how a tokenizer was loaded (transformers puts `is_local` / `local_files_only`
-# into `init_kwargs`, and `save_pretrained` writes `init_kwargs` back): state of one load, not settings of the
-# tokenizer, so a saved folder must not carry it (a reload would start from another machine's loader flags).
-TOKENIZER_LOADER_STATE_KEYS = (
-    "is_local", "local_files_only", "name_or_path", "_commit_hash", "_from_auto", "_from_pipeline", "cache_dir",
-    "token", "use_auth_token", "revision", "subfolder", "trust_remote_code", "force_download", "proxies",
-    "gguf_file", "device_map", "files_loaded",
-)
-
-
-def strip_tokenizer_loader_state(folder) -> list[str]:
-    """
-    Removes `TOKENIZER_LOADER_STATE_KEYS` from `folder/tokenizer_config.json` (written by `save_pretrained`), in
-    place. Call it after saving a tokenizer or processor. Returns the removed keys (empty if there is no file).
-    """
-    path = os.path.join(os.fspath(folder), "tokenizer_config.json")
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    removed = [key for key in TOKENIZER_LOADER_STATE_KEYS if key in config]
-    if removed:
-        for key in removed:
-            del config[key]
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    return removed
 
 
 def _pixel_limit_error(description: str, width: int | None, height: int | None, pixels: int, limit: int) -> ValueError:
@@ -464,7 +434,6 @@ __all__ = [
     "anyres_feature_grid",
     "anyres_max_num_patches",
     "load_cli_image",
-    "strip_tokenizer_loader_state",
     "to_rgb_image",
     "unpadded_grid_shape",
 ]

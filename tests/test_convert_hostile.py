@@ -675,3 +675,19 @@ def test_widget_records_the_converted_models_answer(fork_src, tmp_path, capsys):
     expected = processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert widget[0]["output"] == {"text": expected} and expected
     assert f"Widget: {question!r} -> {expected!r}" in capsys.readouterr().out
+
+
+def test_last_safety_check_rejects_foreign_code(tmp_path):
+    """verify_no_foreign_code, run on DST before it is renamed into place, stops whatever an allowlist would miss."""
+    (tmp_path / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "modeling_cli.CLIForConditionalGeneration"}}))
+    (tmp_path / "modeling_cli.py").write_text("")
+    convert_checkpoint.verify_no_foreign_code(tmp_path, ["modeling_cli.py"])  # ours only: passes
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.json").write_text(json.dumps({"a": [{"auto_map": {"AutoTokenizer": ["o/r--m.T", None]}}],
+                                                         "custom_pipelines": {}}))
+    (tmp_path / "helper.py").write_text("")
+    with pytest.raises(convert_checkpoint.ConversionError) as error:
+        convert_checkpoint.verify_no_foreign_code(tmp_path, ["modeling_cli.py"])
+    message = str(error.value)
+    assert "helper.py is code that is not ours" in message and "o/r--m.T" in message
+    assert "sub/x.json: custom_pipelines" in message
