@@ -109,7 +109,7 @@ def test_fork_fp32_single_file_matches_native(fork_fp32, untied, tmp_path):
     weights = read_weights(out)
     assert all(weights[k].dtype == torch.float32 for k in weights)
     for name, tensor in weights.items():
-        if name.endswith(("gate_weight", "gate_bias", "amp.lora_B")):
+        if name.endswith(("readout_vector", "gate_bias", "amp.lora_B")):
             assert torch.count_nonzero(tensor) == 0, name
 
     converted, native = load_converted(out), native_twin(untied)
@@ -194,8 +194,8 @@ def test_dtype_option_casts(fork_fp32, tmp_path):
 KEY_MAP = [
     [r"model\.cli\.amp\.(\d+)\.lora_A\.weight", r"model.amp.lora_A[@\1]"],
     [r"model\.cli\.amp\.(\d+)\.lora_B\.weight", r"model.amp.lora_B[@\1]"],
-    [r"model\.cli\.agf\.(\d+)\.query_v", r"model.language_model.agf.{inj:\1}.vision_query"],
-    [r"model\.cli\.agf\.(\d+)\.query_h", r"model.language_model.agf.{inj:\1}.context_query"],
+    [r"model\.cli\.agf\.(\d+)\.query_v", r"model.language_model.agf.{inj:\1}.vision_attention.query_vector"],
+    [r"model\.cli\.agf\.(\d+)\.query_h", r"model.language_model.agf.{inj:\1}.context_attention.query_vector"],
     [r"model\.cli\.agf\.(\d+)\.mha_v\.in_proj_(weight|bias)",
      [r"model.language_model.agf.{inj:\1}.vision_attention.query_\2",
       r"model.language_model.agf.{inj:\1}.vision_attention.key_\2",
@@ -208,7 +208,10 @@ KEY_MAP = [
       r"model.language_model.agf.{inj:\1}.context_attention.value_\2"]],
     [r"model\.cli\.agf\.(\d+)\.mha_h\.out_proj\.(weight|bias)",
      r"model.language_model.agf.{inj:\1}.context_attention.output_\2"],
-    [r"model\.cli\.agf\.(\d+)\.gate_(weight|bias)", r"model.language_model.agf.{inj:\1}.gate_\2"],
+    [r"model\.cli\.agf\.(\d+)\.gate_weight",
+     [r"model.language_model.agf.{inj:\1}.vision_attention.readout_vector",
+      r"model.language_model.agf.{inj:\1}.context_attention.readout_vector"]],
+    [r"model\.cli\.agf\.(\d+)\.gate_bias", r"model.language_model.agf.{inj:\1}.gate_bias"],
     [r"model\.cli\.agf\.(\d+)\.num_updates", None],
 ]
 
@@ -222,15 +225,16 @@ def fork_cli_tensors(model) -> dict[str, torch.Tensor]:
         tensors[f"model.cli.amp.{layer}.lora_B.weight"] = state["model.amp.lora_B"][slot].clone()
     for position, layer in enumerate(config.llm_injection_layers):  # numbered 0..J-1
         prefix = f"model.language_model.agf.{layer}."
-        tensors[f"model.cli.agf.{position}.query_v"] = state[prefix + "vision_query"]
-        tensors[f"model.cli.agf.{position}.query_h"] = state[prefix + "context_query"]
+        tensors[f"model.cli.agf.{position}.query_v"] = state[prefix + "vision_attention.query_vector"]
+        tensors[f"model.cli.agf.{position}.query_h"] = state[prefix + "context_attention.query_vector"]
         for short, name in (("v", "vision_attention"), ("h", "context_attention")):
             for kind in ("weight", "bias"):
                 fused = torch.cat([state[f"{prefix}{name}.{p}_{kind}"] for p in ("query", "key", "value")])
                 tensors[f"model.cli.agf.{position}.mha_{short}.in_proj_{kind}"] = fused
                 output = state[f"{prefix}{name}.output_{kind}"]
                 tensors[f"model.cli.agf.{position}.mha_{short}.out_proj.{kind}"] = output
-        tensors[f"model.cli.agf.{position}.gate_weight"] = state[prefix + "gate_weight"]
+        readouts = [state[f"{prefix}{name}.readout_vector"] for name in ("vision_attention", "context_attention")]
+        tensors[f"model.cli.agf.{position}.gate_weight"] = torch.cat(readouts)  # one Linear(2d, 1)-like vector
         tensors[f"model.cli.agf.{position}.gate_bias"] = state[prefix + "gate_bias"]
         tensors[f"model.cli.agf.{position}.num_updates"] = torch.tensor(1000)
     return {k: v.contiguous() for k, v in tensors.items()}
