@@ -35,6 +35,7 @@ for path in (os.path.join(HERE, "shapes"), ROOT):  # the shapes helpers; the rep
 
 import torch  # noqa: E402
 
+import tiny_cli  # noqa: E402
 import training_cli  # noqa: E402
 
 SHAPES_MODEL_DIR = os.path.join(HERE, "shapes", "model")
@@ -85,14 +86,14 @@ def parse_args(argv=None):
 
 
 def print_summary_7b():
-    summaries = {mode: training_cli.summary_7b(mode) for mode in ("cli", "cli+projector", "cli+llm", "all")}
+    summaries = {mode: tiny_cli.summary_7b(mode) for mode in ("cli", "cli+projector", "cli+llm", "all")}
     try:
-        summaries["lora16+cli"] = training_cli.summary_7b(lora_rank=16)
+        summaries["lora16+cli"] = tiny_cli.summary_7b(lora_rank=16)
     except ImportError:  # peft is optional
         pass
     print("CLI-7B (LLaVA-OneVision-Qwen2-7B + AMP on vision layers RANGE-1-28-4, AGF before LLM layers RANGE-1-28-4),")
     print("trainable parameters per setting (computed on the meta device from the configuration alone):\n")
-    print(training_cli.format_summary_table(summaries))
+    print(tiny_cli.format_summary_table(summaries))
 
 
 def answer(model, processor, messages, images, max_new_tokens=8) -> str:
@@ -119,7 +120,7 @@ def finetune(args):
     work = os.path.join(output, "_work")
     os.makedirs(work, exist_ok=True)
     if args.model is None:
-        args.model = training_cli.build_tiny_cli_checkpoint(os.path.join(work, "tiny-cli-base"), seed=args.seed)
+        args.model = tiny_cli.build_tiny_cli_checkpoint(os.path.join(work, "tiny-cli-base"), seed=args.seed)
         print(f"built a tiny random CLI model: {args.model}")
     if args.data is None:
         from shapes_data import write_jsonl
@@ -199,7 +200,7 @@ def train_shapes(args):
     output = args.output or SHAPES_MODEL_DIR
     torch.set_num_threads(recipe["num_threads"])
     set_seed(recipe["seed"])
-    model, processor = training_cli.build_tiny_cli(
+    model, processor = tiny_cli.build_tiny_cli(
         seed=recipe["model_seed"], patch_size=CELL, text_config={"initializer_range": recipe["text_initializer_range"]}
     )
     model.set_trainable("all", verbose=False)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from training_cli import build_tiny_cli_checkpoint
+from tiny_cli import build_tiny_cli_checkpoint
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, os.path.join(EXAMPLES, "shapes"))
@@ -24,7 +24,7 @@ def run_example(script, *args, cwd):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    return build_tiny_cli_checkpoint(tmp_path_factory.mktemp("examples") / "tiny-cli")
+    return build_tiny_cli_checkpoint(tmp_path_factory.mktemp("examples") / "tiny-cli", seed=2)  # its replies are words
 
 
 def test_quickstart_with_no_arguments_answers_and_writes_the_heat_map(tmp_path):
@@ -50,13 +50,30 @@ def test_quickstart_with_a_model_path(tiny_checkpoint, tmp_path):
     assert "A:" in output and (tmp_path / "gates.png").exists()
 
 
-def test_chat_one_shot_streams_an_answer(tiny_checkpoint, tmp_path):
+def greedy_reply(folder, images, question, max_new_tokens):
+    """The reference: the processor's prompt and a plain greedy `generate`, decoded without special tokens."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=[Image.open(path) for path in images], text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_chat_one_shot_streams_the_greedy_answer(tiny_checkpoint, tmp_path):
     image = os.path.join(EXAMPLES, "shapes_example.png")
     output = run_example(
         "chat.py", "--model", str(tiny_checkpoint), "--image", image, "--image", image, "--prompt", "Compare them.",
         "--max-new-tokens", "4", cwd=tmp_path,
     )
-    assert output.strip()
+    expected = greedy_reply(tiny_checkpoint, [image, image], "Compare them.", 4)
+    assert expected.strip() and output.strip() == expected.strip()
 
 
 def test_plot_gates_for_an_image_set(tiny_checkpoint, tmp_path):
