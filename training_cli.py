@@ -20,19 +20,32 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 try:  # loaded as remote code / from a package folder
     from .modeling_cli import CLIForConditionalGeneration, format_parameter_summary
-    from .processing_cli import IMAGE_TOKEN, CLIProcessor
+    from .processing_cli import (
+        IMAGE_TOKEN,
+        CLIImageProcessor,
+        CLIProcessor,
+        check_chat_messages,
+        strip_tokenizer_runtime_state,
+    )
 except ImportError:  # installed as top-level modules
     from modeling_cli import CLIForConditionalGeneration, format_parameter_summary
-    from processing_cli import IMAGE_TOKEN, CLIProcessor
+    from processing_cli import (
+        IMAGE_TOKEN,
+        CLIImageProcessor,
+        CLIProcessor,
+        check_chat_messages,
+        strip_tokenizer_runtime_state,
+    )
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
 REMOTE_CODE_FILES = ("configuration_cli.py", "modeling_cli.py", "processing_cli.py")
 SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -92,41 +105,70 @@ def count_image_markers(messages) -> int:
     return count
 
 
+class EmptyReplyWarning(UserWarning):
+    """A training sample whose assistant replies are all empty: only the end of turn (`<|im_end|>`) is supervised."""
+
+
+def _reply_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(item.get("text", "") for item in content if item.get("type") == "text")
+
+
 def check_sample(sample: dict, name: str, image_root: str | None = None) -> tuple[list, list]:
     """
     Validates one `{"messages": [...], "images": [...]}` sample and returns `(messages, images)`, image paths resolved
-    against `image_root`. Raises [`SampleError`] naming the sample for: no/empty conversation, an unknown role, content
-    that is neither text nor a list of items, no assistant reply, image markers and images that differ in number, and
-    image files that do not exist.
+    against `image_root`. Raises [`SampleError`] naming the sample for: no/empty conversation, a message the chat
+    template cannot render (an unknown role, content neither a string nor a list of text/image items, non-string
+    text: `processing_cli.check_chat_messages`), no assistant reply, image sources inside image items, `images` that
+    are not paths / URLs / base64 strings / PIL images / bytes, image markers and images that differ in number, and
+    image files that do not exist. Warns ([`EmptyReplyWarning`]) when every assistant reply is empty.
     """
     if not isinstance(sample, dict):
         raise SampleError(f"{name}: expected a dict with 'messages' and 'images', got {type(sample).__name__}.")
     messages = sample.get("messages")
     if not isinstance(messages, (list, tuple)) or len(messages) == 0:
         raise SampleError(f"{name}: empty conversation (`messages` must be a non-empty list of turns).")
+    try:
+        check_chat_messages(messages, name)
+    except ValueError as error:
+        raise SampleError(str(error)) from None
     for turn, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            role = message.get("role") if isinstance(message, dict) else message
-            raise SampleError(f"{name}: turn {turn} has role {role!r}; roles must be one of {list(ROLES)}.")
-        content = message.get("content")
-        if not isinstance(content, (str, list, tuple)):
-            raise SampleError(f"{name}: turn {turn} content must be a string or a list of items, got {content!r}.")
+        content = message["content"]
         for item in content if not isinstance(content, str) else ():
-            if not isinstance(item, dict) or item.get("type") not in ("text", "image"):
-                raise SampleError(
-                    f"{name}: turn {turn} has an item {item!r}; items must be {{'type': 'text', 'text': ...}} or "
-                    "{'type': 'image'} (CLI trains on images and text only)."
-                )
             if item["type"] == "image" and any(key in item for key in ("image", "url", "path", "base64")):
                 raise SampleError(
-                    f"{name}: turn {turn}: give images in the sample's 'images' list (in order), not inside the "
+                    f"{name}, message {turn}: give images in the sample's 'images' list (in order), not inside the "
                     "image items, which only mark where each image stands."
                 )
-    if not any(message["role"] == "assistant" for message in messages):
+    replies = [message["content"] for message in messages if message["role"] == "assistant"]
+    if not replies:
         raise SampleError(f"{name}: no assistant turn, nothing to train on.")
-    images = sample.get("images") or []
-    if not isinstance(images, (list, tuple)):
+    if not any(_reply_text(reply).strip() for reply in replies):
+        warnings.warn(
+            f"{name}: every assistant reply is empty, so only the end of turn (<|im_end|>) is supervised: the model "
+            "learns to answer nothing.",
+            EmptyReplyWarning,
+            stacklevel=2,
+        )
+    images = sample.get("images")
+    if images is None:
+        images = []
+    elif isinstance(images, (str, os.PathLike, bytes, Image.Image)):
         images = [images]
+    elif not isinstance(images, (list, tuple)):
+        raise SampleError(
+            f"{name}: 'images' must be a list of image paths, URLs or base64 strings (or PIL images), one per image "
+            f"marker; got {type(images).__name__} {_short(images)}."
+        )
+    for index, image in enumerate(images):
+        if not isinstance(image, (str, os.PathLike, bytes, bytearray, Image.Image)) or (
+            isinstance(image, str) and not image.strip()
+        ):
+            raise SampleError(
+                f"{name}: image {index} of 'images' is {type(image).__name__} {_short(image)}; images must be "
+                "paths, URLs or base64 strings (or PIL images / bytes in Python)."
+            )
     markers = count_image_markers(messages)
     if markers != len(images):
         raise SampleError(
@@ -146,22 +188,35 @@ def check_sample(sample: dict, name: str, image_root: str | None = None) -> tupl
     return list(messages), resolved
 
 
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_chat_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[dict]:
     """
     Reads a JSONL file of `{"messages": [...], "images": [paths]}` lines (the TRL / LLaVA chat layout: `messages` are
     `{"role", "content"}` turns, content a string or `[{"type": "image"}, {"type": "text", "text": ...}]`; each image
     item or literal `<image>` marks where the next image of `images` stands). Relative image paths are resolved
     against `image_root` (default: the JSONL's folder). Every line is checked now ([`check_sample`]) so that a bad line
-    fails before training, with its line number; each returned sample carries `"source": "FILE line N"`.
+    fails before training, with its line number (a line that is not UTF-8 or not JSON included); each returned sample
+    carries `"source": "FILE line N"`. A sample whose assistant replies are all empty warns ([`EmptyReplyWarning`]).
     """
     path = os.fspath(path)
     image_root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            name = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise SampleError(
+                    f"{name}: not UTF-8 text (byte {error.start} of the line is {raw[error.start:error.start + 1]!r}); "
+                    "JSONL files must be UTF-8."
+                ) from None
             if not line.strip():
                 continue
-            name = f"{path} line {number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -186,7 +241,10 @@ class CLIDataCollator:
     Labels: the tokens the chat template marks as the assistant's reply (`{% generation %}`: the reply's text, its
     `<|im_end|>` and the newline after it, as LLaVA-NeXT's `preprocess_qwen` trains) keep their ids; the system and user
     turns, the `<|im_start|>assistant\\n` headers, image tokens and padding are `-100`. The model also reads `labels`
-    to keep supervised positions out of AGF's context.
+    to keep supervised positions out of AGF's context. Every sample must keep at least one supervised token: one
+    without raises [`SampleError`] naming it, so a batch never reaches the model with all labels `-100` (its loss
+    would be NaN, which the Trainer logs as 0.0). An empty reply still supervises its `<|im_end|>` (and warns,
+    [`EmptyReplyWarning`]).
 
     Args:
         processor ([`CLIProcessor`]): the model's processor.
@@ -213,7 +271,7 @@ class CLIDataCollator:
             try:
                 loaded.append(self.processor.image_processor.fetch_images(image))
             except (ValueError, OSError) as error:
-                raise SampleError(f"{name}: cannot load image {image!r}: {error}") from error
+                raise SampleError(f"{name}: cannot load image {_short(image)}: {error}") from error
         return loaded
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -248,7 +306,10 @@ class CLIDataCollator:
         expected_tokens = is_image.sum(dim=1)
         for index, name in enumerate(names):
             if not supervised[index].any():
-                raise SampleError(f"{names[index]}: no supervised token (the assistant replies are empty).")
+                raise SampleError(
+                    f"{name}: no supervised token (the chat template marked no assistant reply), so its labels would "
+                    "all be -100."
+                )
             if num_images[index] == 0 and expected_tokens[index] > 0:
                 raise SampleError(f"{name}: the text holds {IMAGE_TOKEN} tokens but the sample has no image.")
         if self.max_length is not None and int(lengths.max()) > self.max_length:
@@ -442,6 +503,9 @@ def save_cli_folder(model, processor, folder: str | os.PathLike, **save_kwargs) 
     """
     Saves model and processor as a self-contained remote-code folder (weights, config with `auto_map`,
     `configuration_cli.py` / `modeling_cli.py` / `processing_cli.py`, tokenizer, processor configs, chat template).
+
+    The folder is then tidied ([`tidy_saved_folder`]): the tokenizer files carry no loader or call state
+    (`is_local`, `local_files_only`, ...) and the weights get the permissions of the folder's other files.
     """
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
@@ -450,7 +514,43 @@ def save_cli_folder(model, processor, folder: str | os.PathLike, **save_kwargs) 
     for name in REMOTE_CODE_FILES:  # save_pretrained copies what it reaches; make sure all three are there
         if not os.path.exists(os.path.join(folder, name)):
             shutil.copyfile(os.path.join(SOURCE_DIR, name), os.path.join(folder, name))
+    tidy_saved_folder(folder)
     return folder
+
+
+def _new_file_mode(folder: str) -> int:
+    """The permission bits an ordinary new file gets here (`0o666` less the umask), read off a probe file."""
+    probe = os.path.join(folder, f".mode-probe-{os.getpid()}")
+    descriptor = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return os.fstat(descriptor).st_mode & 0o777
+    finally:
+        os.close(descriptor)
+        os.remove(probe)
+
+
+def tidy_saved_folder(folder: str | os.PathLike) -> list[str]:
+    """
+    Tidies a folder written by `save_pretrained`, in place; returns what it changed:
+
+    - `processing_cli.strip_tokenizer_runtime_state`: no `is_local`, `local_files_only` or other loader / call state
+      in `tokenizer_config.json` and `tokenizer.json` (a processor loaded as remote code from an older folder saves
+      with that folder's code, so this runs again here);
+    - `*.safetensors` files get the permissions an ordinary new file gets (`0o666` less the umask, like
+      `config.json`): safetensors >= 0.8 writes through a temporary file created with mode 0600 and renames it,
+      which would leave the weights readable by their owner alone.
+    """
+    folder = os.fspath(folder)
+    changed = strip_tokenizer_runtime_state(folder)
+    weights = [name for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")]
+    if weights:
+        mode = _new_file_mode(folder)
+        for name in weights:
+            path = os.path.join(folder, name)
+            if os.stat(path).st_mode & 0o777 != mode:
+                os.chmod(path, mode)
+                changed.append(f"{name}: mode {mode:o}")
+    return changed
 
 
 def copy_remote_code(folder: str | os.PathLike) -> list[str]:
@@ -471,14 +571,57 @@ def refresh_saved_folder(folder: str | os.PathLike) -> str:
     """
     folder = os.fspath(folder)
     model = CLIForConditionalGeneration.from_pretrained(folder).eval()
-    processor = CLIProcessor.from_pretrained(folder)
+    processor = load_processor(folder)
     save_cli_folder(model, processor, folder)
     copy_remote_code(folder)
     return folder
 
 
+def load_processor(folder: str | os.PathLike) -> CLIProcessor:
+    """
+    The [`CLIProcessor`] of a saved CLI folder built with this repository's classes, not the folder's code copies (so
+    no `trust_remote_code` is involved): its image processor config, its tokenizer (the transformers class named in
+    `tokenizer_config.json`), its chat template and processor settings.
+    """
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    folder = os.fspath(folder)
+
+    def read_json(name):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    tokenizer_class_name = read_json("tokenizer_config.json").get("tokenizer_class")
+    tokenizer_class = tokenizer_class_from_name(tokenizer_class_name) if tokenizer_class_name else None
+    if tokenizer_class is None:
+        raise ValueError(
+            f"{folder}: tokenizer_config.json names no transformers tokenizer class (got {tokenizer_class_name!r})."
+        )
+    settings = read_json("processor_config.json")
+    chat_template = None
+    template_path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(template_path):
+        with open(template_path, encoding="utf-8") as f:
+            chat_template = f.read()
+    return CLIProcessor(
+        image_processor=CLIImageProcessor.from_pretrained(folder),
+        tokenizer=tokenizer_class.from_pretrained(folder),
+        chat_template=chat_template,
+        **{
+            key: settings[key]
+            for key in ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "image_token",
+                        "video_token")
+            if key in settings
+        },
+    )
+
+
 __all__ = [
     "CLIDataCollator",
+    "EmptyReplyWarning",
     "IGNORE_INDEX",
     "LLM_LORA_TARGET_MODULES",
     "SampleError",
@@ -488,11 +631,13 @@ __all__ = [
     "copy_remote_code",
     "format_loss_curve",
     "load_chat_jsonl",
+    "load_processor",
     "loss_curve",
     "loss_printer",
     "quiet_trainer",
     "refresh_saved_folder",
     "save_cli_folder",
+    "tidy_saved_folder",
     "trainable_summary",
     "training_arguments",
 ]

@@ -576,7 +576,7 @@ def test_video_content_is_refused(processor):
     with pytest.raises(ValueError, match="images only"):
         processor(text="<video>", videos=[np.zeros((2, 8, 8, 3), dtype=np.uint8)])
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}]
-    with pytest.raises(Exception, match="images only"):
+    with pytest.raises(ValueError, match="message 0, item 0: video items are not supported; CLI handles images"):
         processor.apply_chat_template(messages)
 
 

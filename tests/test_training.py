@@ -166,7 +166,7 @@ def test_jsonl_loading_and_bad_inputs_name_the_line(tmp_path, tiny):
         ),
         "empty conversation": ({"messages": [], "images": []}, r"line 2: empty conversation"),
         "no reply": ({"messages": [user(text("Hi"))], "images": []}, r"line 2: no assistant turn"),
-        "bad role": ({"messages": [{"role": "robot", "content": "x"}], "images": []}, r"line 2: turn 0 has role 'robot'"),
+        "bad role": ({"messages": [{"role": "robot", "content": "x"}], "images": []}, r"line 2, message 0 has role 'robot'; roles must be one of"),
         "not json": ("{not json", r"line 2: not valid JSON"),
     }
     for name, (record, message) in cases.items():
@@ -456,6 +456,23 @@ def test_shipped_shapes_model_answers_fresh_questions():
     assert score >= 0.9, (score, per_kind)
     size = sum(f.stat().st_size for f in SHAPES_MODEL.iterdir() if f.is_file())
     assert size < 8e6, size
+
+
+def test_refresh_saved_folder_uses_the_repository_classes_without_prompting(tmp_path):
+    import shutil
+
+    folder = tmp_path / "shapes"
+    shutil.copytree(SHAPES_MODEL, folder)
+    for name in training_cli.REMOTE_CODE_FILES:  # stale copies: what refreshing is for
+        (folder / name).write_text("raise RuntimeError('the folder copy must not run')\n")
+    training_cli.refresh_saved_folder(folder)  # used to ask for trust_remote_code (EOFError without a terminal)
+    for name in ("model.safetensors", "chat_template.jinja", "processor_config.json"):
+        assert (folder / name).read_bytes() == (SHAPES_MODEL / name).read_bytes(), name
+    for name in training_cli.REMOTE_CODE_FILES:
+        assert (folder / name).read_bytes() == (ROOT / name).read_bytes(), name
+    shipped, refreshed = (json.loads((f / "tokenizer.json").read_text()) for f in (SHAPES_MODEL, folder))
+    assert refreshed["model"] == shipped["model"] and refreshed["added_tokens"] == shipped["added_tokens"]
+    assert refreshed["padding"] is None  # the padding state of the shipped file's last call is not kept
 
 
 def test_shapes_recipe_below_target_never_replaces_the_shipped_model(tmp_path, monkeypatch):
