@@ -25,14 +25,16 @@ from _helpers_convert import (
 )
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tiny_cli import build_tiny_tokenizer
 from tiny_models import native_twin, randomize_cli_modules
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 import convert_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 544  # the tiny tokenizer has 530 tokens; <image> = 530, <video> = 531
-IMAGE_ID = 530
+SOURCE_TOKENIZER = build_tiny_tokenizer(add_multimodal_tokens=False)  # what the synthetic sources carry
+IMAGE_ID = len(SOURCE_TOKENIZER)  # the converter appends <image> (then <video>) to it, as LLaVA-NeXT does
+VOCAB = IMAGE_ID + 14  # embedding rows beyond the tokenizer, as Qwen2's 152064 > 151646
 # (height, width) sizes where LLaVA-NeXT's truncating unpad and transformers' rounding agree (see test_modeling.py)
 SIZES = [(28, 28), (50, 90), (168, 168)]
 
@@ -100,7 +102,8 @@ def test_fork_fp32_single_file_matches_native(fork_fp32, untied, tmp_path):
     assert config["image_token_index"] == IMAGE_ID and config["video_token_index"] == IMAGE_ID + 1
     assert config["dtype"] == "float32"
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == 529 and generation["pad_token_id"] == 527  # <|im_end|>, <|endoftext|>
+    assert generation["eos_token_id"] == SOURCE_TOKENIZER.convert_tokens_to_ids("<|im_end|>")
+    assert generation["pad_token_id"] == SOURCE_TOKENIZER.convert_tokens_to_ids("<|endoftext|>")
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n")
     assert "- custom_code" in card and "trust_remote_code=True" in card and "[1, 3, 5]" in card
