@@ -34,12 +34,12 @@ from _helpers_convert import (
 )
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
+from test_convert import IMAGE_ID, SIZES, VOCAB, image_inputs, load_converted
 from tiny_models import native_twin
 
 import convert_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB, IMAGE_ID = 544, 530
 OUR_MODULES = {"configuration_cli", "modeling_cli", "processing_cli"}
 OUR_CODE = re.compile(r"(configuration_cli|modeling_cli|processing_cli)\.CLI\w+")
 VISION = ["--vision-config", vision_config_arg()]
@@ -213,23 +213,6 @@ def test_quantization_config_refused(fork_src, hf_src, tmp_path, capsys, layout)
     assert_clean_error(capsys.readouterr().err, "quantization_config (quant_method 'bitsandbytes')",
                        "unquantized", "quantize when you load")
     assert not (tmp_path / "cli").exists() and not leftovers(tmp_path)
-
-
-def test_strip_tokenizer_loader_state_helper(hostile_dsts, tmp_path):
-    """The shared helper for every folder the project saves: a processor loaded and saved again by transformers
-    writes is_local / local_files_only; the helper removes them and nothing else."""
-    import processing_cli
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(hostile_dsts["fork"][0], trust_remote_code=True)
-    processor.save_pretrained(tmp_path)
-    before = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    assert before.get("is_local") is True  # what transformers 5.23 writes back (the leak)
-    removed = processing_cli.strip_tokenizer_loader_state(tmp_path)
-    after = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    assert "is_local" in removed and "is_local" not in after and "local_files_only" not in after
-    assert after == {k: v for k, v in before.items() if k not in removed}
-    assert processing_cli.strip_tokenizer_loader_state(tmp_path / "nowhere") == []
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -443,7 +426,8 @@ BAD_VALUES = {
     "vocab-1e30": ("fork", _fork(lambda c: c.update(vocab_size=10**30)), [],
                    ["vocab_size = ~1e30", "1..2147483647"]),
     "vocab-wrong": ("fork", _fork(lambda c: c.update(vocab_size=1000)), [],
-                    ["vocab_size = 1000 but the checkpoint's model.embed_tokens.weight is (544, 64) (vocab_size 544)"]),
+                    [f"vocab_size = 1000 but the checkpoint's model.embed_tokens.weight is ({VOCAB}, 64) "
+                     f"(vocab_size {VOCAB})"]),
     "layers-1e7": ("fork", _fork(lambda c: c.update(num_hidden_layers=10**7)), [],
                    ["config.json has 10000000 decoder layers but the checkpoint holds 6 (layers 0-5)"]),
     "hidden-1e30": ("fork", _fork(lambda c: c.update(hidden_size=10**30)), [],
@@ -594,8 +578,6 @@ def test_siglip_style_config_with_the_deleted_layer_converts(model, fork_src, tm
     assert run("--input", fork_src, "--output", out, "--init-cli", "--vision-config", json.dumps(siglip)) == 0
     assert "has 6 encoder layers and the checkpoint holds 5 (layers 0-4)" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["vision_config"]["num_hidden_layers"] == 5
-    from test_convert import SIZES, image_inputs, load_converted
-
     converted, native = load_converted(out), native_twin(model)
     inputs = image_inputs(native, SIZES[1])
     with torch.no_grad():
