@@ -167,12 +167,11 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model")
 REMOTE_CODE_FILES = ("configuration_cli.py", "modeling_cli.py", "processing_cli.py")
 
-# Bounds checked before anything is allocated (a hostile config must fail in milliseconds, not in a MemoryError).
-MAX_JSON_BYTES = 64 * 2**20  # any JSON or card file read from the source (a 7B shard index is about 100 KB)
-MAX_CONFIG_INT = 2**31 - 1  # any size in a config (hidden_size, vocab_size, image_size, ...)
-MAX_UNCHECKED_LAYERS = 1024  # a layer count the checkpoint does not confirm (its layers are not where we look)
-MAX_GRID_CROPS = 16  # image_grid_pinpoints: at most 16 crops along each side (LLaVA-OneVision uses up to 6)
-MAX_PINPOINTS = MAX_GRID_CROPS**2  # and at most 256 resolutions (LLaVA-OneVision's (1x1),...,(6x6) has 36)
+# Bounds checked before anything is allocated (a hostile config must fail in milliseconds, not in a MemoryError):
+# configuration_cli's documented maxima (MAX_LAYERS, MAX_HIDDEN_SIZE, ...), checked here before a Qwen2 / SigLIP config
+# is even built, plus what only the converter reads.
+MAX_JSON_BYTES = 64 * 2**20  # any JSON file read from the source (a 7B shard index is about 100 KB)
+MAX_CONFIG_INT = 2**31 - 1  # a config integer without a documented maximum (max_position_embeddings, ...)
 # Test hook: a path; after the first tensor is written the converter creates that file and waits (at most 60 s) so a
 # test can interrupt a conversion mid-write deterministically. Not for users.
 PAUSE_HOOK_ENV = "CLI_CONVERT_TEST_PAUSE_FILE"
@@ -468,19 +467,23 @@ def parse_grid_pinpoints(value, crop_size: int) -> list[list[int]]:
     LLaVA-NeXT accepts a list of (width, height) pairs, a string holding such a list, or a range string
     '(1x1),...,(6x6)' meaning every (i x j) grid between the first and last pair, in multiples of the crop size.
     The order is kept (it breaks ties in the best-resolution search); each pair is swapped to (height, width).
-    Bounded before anything is built: at most MAX_PINPOINTS resolutions of at most MAX_GRID_CROPS crops a side.
+    Bounded before the list is built (configuration_cli's MAX_GRID_PINPOINTS, MAX_CROPS_PER_IMAGE); CLIConfig checks
+    the resolutions themselves.
     """
-    limit = MAX_GRID_CROPS * crop_size
-    allowed = (f"at most {MAX_PINPOINTS} resolutions, each side 1..{MAX_GRID_CROPS} crops of {crop_size} px "
+    from configuration_cli import MAX_CROPS_PER_IMAGE, MAX_GRID_PINPOINTS
+
+    allowed = (f"at most {MAX_GRID_PINPOINTS} resolutions of at most {MAX_CROPS_PER_IMAGE} crops each "
                f"(LLaVA-OneVision uses (1x1),...,(6x6))")
     if isinstance(value, str):
         ranges = re.findall(r"\((\d{1,9})x(\d{1,9})\)", value)
         if ranges:
             (first_w, first_h), (last_w, last_h) = [tuple(map(int, pair)) for pair in (ranges[0], ranges[-1])]
-            if not (1 <= first_w <= last_w <= MAX_GRID_CROPS and 1 <= first_h <= last_h <= MAX_GRID_CROPS):
+            count = (last_w - first_w + 1) * (last_h - first_h + 1)
+            if not (1 <= first_w <= last_w and 1 <= first_h <= last_h) or count > MAX_GRID_PINPOINTS \
+                    or last_w * last_h > MAX_CROPS_PER_IMAGE:
                 raise ConversionError(
-                    f"image_grid_pinpoints {show(value)}: the grids run from {first_w}x{first_h} to {last_w}x{last_h} "
-                    f"crops; allowed are {allowed}."
+                    f"image_grid_pinpoints {show(value)}: grids from {first_w}x{first_h} to {last_w}x{last_h} crops; "
+                    f"allowed are {allowed}."
                 )
             pairs = [
                 (i * crop_size, j * crop_size)
@@ -491,7 +494,7 @@ def parse_grid_pinpoints(value, crop_size: int) -> list[list[int]]:
             pairs = [(int(w), int(h)) for w, h in re.findall(r"[\[(]\s*(\d{1,12})\s*,\s*(\d{1,12})\s*[\])]", value)]
     elif isinstance(value, (list, tuple)):
         pairs = []
-        for pair in value[: MAX_PINPOINTS + 1]:
+        for pair in value[: MAX_GRID_PINPOINTS + 1]:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2
                     and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
                 raise ConversionError(
@@ -502,15 +505,9 @@ def parse_grid_pinpoints(value, crop_size: int) -> list[list[int]]:
         raise ConversionError(f"image_grid_pinpoints: cannot read {show(value)}.")
     if not pairs:
         raise ConversionError(f"image_grid_pinpoints: {show(value)} holds no resolution.")
-    if len(pairs) > MAX_PINPOINTS:
-        raise ConversionError(f"image_grid_pinpoints {show(value)} holds more than {MAX_PINPOINTS} resolutions; "
+    if len(pairs) > MAX_GRID_PINPOINTS:
+        raise ConversionError(f"image_grid_pinpoints {show(value)} holds more than {MAX_GRID_PINPOINTS} resolutions; "
                               f"allowed are {allowed}.")
-    bad = [pair for pair in pairs if not all(1 <= side <= limit for side in pair)]
-    if bad:
-        raise ConversionError(
-            f"image_grid_pinpoints: {len(bad)} resolution(s) out of range, e.g. {' '.join(f'{w}x{h}' for w, h in bad[:3])}"
-            f" (width x height); each side must be 1..{limit} px: {allowed}."
-        )
     return [[height, width] for width, height in pairs]
 
 
@@ -679,9 +676,21 @@ def probe_checkpoint(sources: dict, rules: list, layout: str) -> CheckpointProbe
     return probe
 
 
-def _check_int(value, name: str, where: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_CONFIG_INT:
-        raise ConversionError(f"{where}: {name} = {show(value)}; it must be an integer in {low}..{MAX_CONFIG_INT}.")
+def _size_maxima() -> dict[str, int]:
+    import configuration_cli as cc
+
+    return {
+        "num_hidden_layers": cc.MAX_LAYERS, "hidden_size": cc.MAX_HIDDEN_SIZE,
+        "intermediate_size": cc.MAX_INTERMEDIATE_SIZE, "num_attention_heads": cc.MAX_ATTENTION_HEADS,
+        "num_key_value_heads": cc.MAX_ATTENTION_HEADS, "vocab_size": cc.MAX_VOCAB_SIZE, "image_size": cc.MAX_IMAGE_SIZE,
+        "patch_size": cc.MAX_IMAGE_SIZE,
+    }
+
+
+def _check_int(value, name: str, where: str) -> int:
+    maximum = _size_maxima().get(name, MAX_CONFIG_INT)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ConversionError(f"{where}: {name} = {show(value)}; it must be an integer in 1..{maximum}.")
     return value
 
 
@@ -689,12 +698,7 @@ def _checked_layer_count(
     configured: int, present: set[int], what: str, where: str, notes: list, deleted_last: bool = False
 ) -> int:
     """The layer count of a config against the layers the checkpoint holds; returns the count to write."""
-    if not present:
-        if configured > MAX_UNCHECKED_LAYERS:
-            raise ConversionError(
-                f"{where}: num_hidden_layers = {show(configured)}, and the checkpoint holds no {what} layers that "
-                f"confirm it; at most {MAX_UNCHECKED_LAYERS} are accepted unconfirmed."
-            )
+    if not present:  # the layers are not where the placement rules put them: the plan names what is missing
         return configured
     held = len(present)
     if present != set(range(held)):
@@ -774,67 +778,32 @@ def check_model_sizes(text: dict, vision: dict, probe: CheckpointProbe, notes: l
             )
 
 
-def _bounded_layer_spec(value, label: str, limit: int):
-    """A layer list that cannot name more layers than the model has, checked before it is expanded."""
-    count = None
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*RANGE-(-?\d{1,18})-(-?\d{1,18})-(-?\d{1,18})\s*", value.upper())
-        if match:
-            start, stop, step = (int(group) for group in match.groups())
-            count = len(range(start, stop, step)) if step > 0 else None  # CLIConfig names a bad step
-        elif value.upper().strip().startswith("RANGE"):
-            if len(value) > 60:
-                raise ConversionError(f"{label}: cannot read {show(value)}; expected 'RANGE-a-b-s'.")
-        else:
-            count = value.count(",") + 1
-    elif isinstance(value, (list, tuple)):
-        count = len(value)
-    if count is not None and count > limit:
-        raise ConversionError(
-            f"{label} = {show(value)} names {count} layers; the model has {limit} to choose from (each at most once)."
-        )
-    return value
-
-
-def _setting(args, option: str, source_config: dict, names: tuple[str, ...]):
-    """(value, where it came from): the option if given, else the first of `names` in the source config."""
-    value = getattr(args, option.removeprefix("--").replace("-", "_"))
-    if value is not None:
-        return value, option
+def _layer_setting(args_value, source_config: dict, names: tuple[str, ...]):
+    if args_value is not None:
+        return args_value
     for name in names:
         if source_config.get(name) is not None:
-            return source_config[name], f"config.json {name}"
-    return None, None
+            return source_config[name]
+    return None
 
 
-def cli_settings(args, source_config: dict, vision: dict, text: dict) -> dict:
-    """The CLI fields (options first, then the source config), bounded by the model's sizes."""
-    vision_layers, vision_where = _setting(args, "--vision-extraction-layers", source_config,
-                                           ("vision_extraction_layers", "vision_exp_layers", "mm_vision_exp_layers"))
-    text_layers, text_where = _setting(args, "--llm-injection-layers", source_config,
-                                       ("llm_injection_layers", "vlm_exp_layers", "mm_vlm_exp_layers"))
+def cli_settings(args, source_config: dict) -> dict:
+    """The CLI fields: the options first, then the source config (CLIConfig bounds and checks them)."""
     settings = {
-        "vision_extraction_layers": _bounded_layer_spec(
-            vision_layers, vision_where, vision.get("num_hidden_layers", MAX_UNCHECKED_LAYERS) + 1
+        "vision_extraction_layers": _layer_setting(
+            args.vision_extraction_layers, source_config,
+            ("vision_extraction_layers", "vision_exp_layers", "mm_vision_exp_layers"),
         ),
-        "llm_injection_layers": _bounded_layer_spec(text_layers, text_where, text["num_hidden_layers"]),
+        "llm_injection_layers": _layer_setting(
+            args.llm_injection_layers, source_config, ("llm_injection_layers", "vlm_exp_layers", "mm_vlm_exp_layers")
+        ),
     }
     for name in ("amp_lora_rank", "amp_lora_alpha", "agf_num_heads"):
-        value, where = _setting(args, f"--{name.replace('_', '-')}", source_config, (name,))
+        value = getattr(args, name)
         if value is None:
-            continue
-        settings[name] = value
-        if name == "amp_lora_rank":
-            width = min(vision.get("hidden_size", 0), text.get("hidden_size", 0))
-            if _check_int(value, name, where) > width:
-                raise ConversionError(
-                    f"{where}: amp_lora_rank = {show(value)} exceeds min(vision hidden_size, LLM hidden_size) = {width}: "
-                    f"a LoRA of higher rank than its input or output width adds nothing; use 1..{width}."
-                )
-        if name == "agf_num_heads" and _check_int(value, name, where) > text.get("hidden_size", 0):
-            raise ConversionError(
-                f"{where}: agf_num_heads = {show(value)} exceeds the LLM hidden_size {text.get('hidden_size')}."
-            )
+            value = source_config.get(name)
+        if value is not None:
+            settings[name] = value
     return settings
 
 
@@ -937,7 +906,7 @@ def build_fork_config(source_config: dict, args, vision_overrides: dict | None, 
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,
         tie_word_embeddings=tied,
-        **cli_settings(args, source_config, vision, text),
+        **cli_settings(args, source_config),
     )
     return make_cli_config(kwargs)
 
@@ -967,13 +936,15 @@ def build_llava_hf_config(source_config: dict, args, vision_overrides: dict | No
     vision_where = "config.json vision_config" + (" with --vision-config" if vision_overrides else "")
     check_model_sizes(text, vision, probe, notes, "config.json text_config", vision_where)
     if "image_grid_pinpoints" in top:
+        from configuration_cli import MAX_GRID_PINPOINTS
+
         value = top["image_grid_pinpoints"]
         if not isinstance(value, (list, tuple)):
             raise ConversionError(f"config.json image_grid_pinpoints must be a list of [height, width], got {show(value)}.")
-        swapped = [list(reversed(pair)) if isinstance(pair, (list, tuple)) else pair for pair in value[: MAX_PINPOINTS + 1]]
+        swapped = [list(reversed(pair)) if isinstance(pair, (list, tuple)) else pair for pair in value[: MAX_GRID_PINPOINTS + 1]]
         top["image_grid_pinpoints"] = parse_grid_pinpoints(swapped, vision.get("image_size", 384))
     return make_cli_config(
-        {"vision_config": vision, "text_config": text, **top, **cli_settings(args, source_config, vision, text)}
+        {"vision_config": vision, "text_config": text, **top, **cli_settings(args, source_config)}
     )
 
 
@@ -1951,8 +1922,8 @@ print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 
 CLI's injection (AMP and AGF) lives in this repository's remote code. Hosted inference (the Hub's widget and
 inference services) never runs custom code, and serving engines' generic transformers backends do not run CLI's
-injection: there the model is either refused or served without it, which is not this model. Run it with
-transformers and `trust_remote_code=True`. {widget_note}
+injection: what they serve, if they load this repository at all, is not this model's output. Run it with transformers
+and `trust_remote_code=True`. {widget_note}
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     if card.data.to_dict() != data.to_dict():
@@ -1986,8 +1957,8 @@ untrusted sources
   config), unknown keys and transformers' loader state (is_local, local_files_only) never reach DST, whose auto_map
   names only configuration_cli.py, modeling_cli.py and processing_cli.py. A source with a quantization_config is
   refused (convert the unquantized checkpoint and quantize when loading). Sizes are checked against the checkpoint's
-  own tensor headers before anything is allocated; at most 16x16 grid pinpoints (256 resolutions); NaN/inf weights
-  are refused unless --allow-nonfinite. --output must not be a symbolic link. SIGINT, SIGTERM and SIGHUP remove the
+  own tensor headers and configuration_cli's documented maxima (MAX_LAYERS, MAX_HIDDEN_SIZE, MAX_GRID_PINPOINTS, ...)
+  before anything is allocated; NaN/inf weights are refused unless --allow-nonfinite. --output must not be a symbolic link. SIGINT, SIGTERM and SIGHUP remove the
   temporary folder (exit 128 + signal number); partial folders of dead runs are removed at the next start.
 """
 

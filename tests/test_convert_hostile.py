@@ -424,33 +424,37 @@ BAD_VALUES = {
     "rope_scaling-yes": ("fork", _fork(lambda c: c.update(rope_scaling="yes")), [],
                          ["config.json rope_scaling must be an object", "'yes'"]),
     "vocab-1e30": ("fork", _fork(lambda c: c.update(vocab_size=10**30)), [],
-                   ["vocab_size = ~1e30", "1..2147483647"]),
+                   ["vocab_size = ~1e30", "1..16777216"]),
     "vocab-wrong": ("fork", _fork(lambda c: c.update(vocab_size=1000)), [],
                     [f"vocab_size = 1000 but the checkpoint's model.embed_tokens.weight is ({VOCAB}, 64) "
                      f"(vocab_size {VOCAB})"]),
     "layers-1e7": ("fork", _fork(lambda c: c.update(num_hidden_layers=10**7)), [],
-                   ["config.json has 10000000 decoder layers but the checkpoint holds 6 (layers 0-5)"]),
+                   ["config.json: num_hidden_layers = 10000000; it must be an integer in 1..1024"]),
+    "layers-wrong": ("fork", _fork(lambda c: c.update(num_hidden_layers=7)), [],
+                     ["config.json has 7 decoder layers but the checkpoint holds 6 (layers 0-5)"]),
     "hidden-1e30": ("fork", _fork(lambda c: c.update(hidden_size=10**30)), [],
-                    ["config.json: hidden_size = ~1e30; it must be an integer in 1..2147483647"]),
+                    ["config.json: hidden_size = ~1e30; it must be an integer in 1..65536"]),
     "hidden-string": ("fork", _fork(lambda c: c.update(hidden_size="64")), [], ["hidden_size = '64'"]),
     "pinpoints-20000": ("fork", _fork(lambda c: c.update(image_grid_pinpoints="(1x1),...,(20000x20000)")), [],
-                        ["image_grid_pinpoints", "1x1 to 20000x20000", "at most 256 resolutions"]),
+                        ["image_grid_pinpoints '(1x1),...,(20000x20000)': grids from 1x1 to 20000x20000 crops; "
+                         "allowed are at most 1024 resolutions of at most 64 crops each"]),
     "pinpoints-list-huge": ("fork", _fork(lambda c: c.update(image_grid_pinpoints=[[20000 * 28, 28]])), [],
-                            ["1 resolution(s) out of range, e.g. 560000x28", "1..448 px"]),
+                            ["`image_grid_pinpoints` has invalid entries [[28, 560000]]", "at most 64 crops"]),
     "range-3e8-config": ("fork", _fork(lambda c: c.update(vision_exp_layers="RANGE-0-300000000-1")), [],
-                         ["config.json vision_exp_layers = 'RANGE-0-300000000-1' names 300000000 layers; the model "
-                          "has 6 to choose from"]),
+                         ["`vision_extraction_layers`: 'RANGE-0-300000000-1' selects 300000000 layers; at most "
+                          "1024 are allowed"]),
     "range-3e8-option": ("fork", _fork(lambda c: None), ["--vision-extraction-layers", "RANGE-0-300000000-1"],
-                         ["--vision-extraction-layers = 'RANGE-0-300000000-1' names 300000000 layers"]),
+                         ["`vision_extraction_layers`: 'RANGE-0-300000000-1' selects 300000000 layers"]),
     "rank-1e9": ("fork", _fork(lambda c: None), ["--amp-lora-rank", str(10**9)],
-                 ["--amp-lora-rank: amp_lora_rank = 1000000000 exceeds min(vision hidden_size, LLM hidden_size) = 48"]),
+                 ["`amp_lora_rank` must be an integer >= 1 and at most the smaller width 48, got 1000000000"]),
     "vision-hidden-1e30": ("fork", _fork(lambda c: None),
                            ["--vision-config", json.dumps({**json.loads(vision_config_arg()), "hidden_size": 10**30})],
                            ["--vision-config: hidden_size = ~1e30"]),
     "hf-vocab-1e30": ("llava-hf", _hf(lambda c: c["text_config"].update(vocab_size=10**30)), [],
                       ["config.json text_config: vocab_size = ~1e30"]),
     "hf-vision-layers-1e7": ("llava-hf", _hf(lambda c: c["vision_config"].update(num_hidden_layers=10**7)), [],
-                             ["config.json vision_config has 10000000 vision encoder layers but the checkpoint holds 5"]),
+                             ["config.json vision_config: num_hidden_layers = 10000000; it must be an integer in "
+                              "1..1024"]),
     "hf-no-text-config": ("llava-hf", _hf(lambda c: c.pop("text_config")), [],
                           ["config.json has no text_config object"]),
     "hf-rope-scaling-yes": ("llava-hf", _hf(lambda c: c["text_config"].update(rope_scaling="yes")), [],
@@ -536,6 +540,7 @@ def so400m_header_checkpoint(folder: Path, model, vision_layers: int) -> Path:
     config["vision_config"] = {**SIGLIP_SO400M_CONFIG["vision_config"], "num_hidden_layers": vision_layers,
                                "vision_use_head": False}  # LLaVA-NeXT drops the pooling head
     config["vision_extraction_layers"] = [1, 5]
+    config["image_grid_pinpoints"] = [[384 * h, 384 * w] for w in (1, 2) for h in (1, 2)]
     for key in ("auto_map", "architectures", "model_type", "transformers_version"):
         config.pop(key, None)
     with torch.device("meta"):
