@@ -1536,10 +1536,13 @@ def write_weights(plan: Plan, folder: Path, progress: bool = True, allow_nonfini
                     _test_pause()
                 target = plan.targets[name]
                 tensor = build(target).to(target.dtype)
+                yield tensor
+                # checked once written: reading a freshly loaded tensor before write() makes the write about 2x
+                # slower (measured, benchmarks/bench_convert.py), reading it after costs next to nothing
                 check(target, tensor)
                 produced.append(name)
                 bar.update(target.nbytes)
-                yield tensor
+                del tensor
 
         try:
             for file_name, shard in zip(names, plan.shards):
