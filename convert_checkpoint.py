@@ -378,7 +378,7 @@ def list_source_tensors(src: Path) -> tuple[dict[str, SourceTensor], list[str]]:
         if bad:
             name, shard = bad[0]
             raise ConversionError(
-                f"{index_path.name}: {len(bad)} weight_map entr{'y' if len(bad) == 1 else 'ies'} name no shard file "
+                f"{index_path.name}: {len(bad)} weight_map entr{'y names' if len(bad) == 1 else 'ies name'} no shard file "
                 f"of this folder, e.g. {show(name)} -> {show(shard)} (shards are plain *.safetensors file names)."
             )
         files = sorted(set(weight_map.values()))

@@ -94,7 +94,7 @@ EVIL_PIPELINES = {"image-text-to-text": {"impl": "evil_module.EvilPipeline", "pt
 
 def seed_hostile(src: Path, folder: Path, layout: str) -> Path:
     """`src` with code references in every config it has: auto_map, custom_pipelines (also nested), unknown keys,
-    loader state in tokenizer_config.json, a foreign module and a custom_generate folder beside the weights."""
+    loader state in tokenizer_config.json, a foreign module, a custom_generate folder and foreign chat templates."""
     config = json.loads((src / "config.json").read_text())
     config.update(auto_map=EVIL_AUTO_MAP, custom_pipelines=EVIL_PIPELINES, evil_top_level_key="evil_value")
     if layout == "llava-hf":
@@ -114,6 +114,7 @@ def seed_hostile(src: Path, folder: Path, layout: str) -> Path:
         "tokenizer_config.json": tokenizer_config, "generation_config.json": generation,
         "evil_module.py": EVIL_MODULE, "processor_config.json": foreign, "preprocessor_config.json": foreign,
         "custom_generate/generate.py": EVIL_MODULE,
+        "chat_template.jinja": "{{ 'evil template' }}", "additional_chat_templates/tool_use.jinja": "{{ 'evil' }}",
     })
 
 
