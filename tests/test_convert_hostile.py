@@ -475,7 +475,7 @@ def test_bad_config_values_fail_fast(model, fork_src, hf_src, tmp_path, capsys, 
 
 @pytest.mark.parametrize("weight_map,expected", [
     (["model.norm.weight"], '"weight_map" must be an object {tensor name: shard file}, got list'),
-    ({"model.norm.weight": "../../elsewhere.safetensors"}, "name no shard file of this folder"),
+    ({"model.norm.weight": "../../elsewhere.safetensors"}, "1 weight_map entry names no shard file of this folder"),
 ])
 def test_malformed_weight_map(model, tmp_path, capsys, weight_map, expected):
     src = make_fork_checkpoint(tmp_path / "src", model, num_shards=2)
