@@ -356,6 +356,17 @@ class CLIProcessor(LlavaOnevisionProcessor):
             images = self._group_images_by_prompt(images, text, kwargs.get("sanitize_control_tokens", False))
         return super().__call__(images=images, text=text, audio=audio, **kwargs)
 
+    def _multimodal_inputs_from_conversations(self, conversations, *args, **kwargs):
+        """Refuses video and audio items before `apply_chat_template` loads them (it would fetch their URLs)."""
+        for conversation in conversations:
+            for message in conversation:
+                content = message.get("content") if isinstance(message, dict) else None
+                for item in content if isinstance(content, (list, tuple)) else ():
+                    kind = item.get("type") if isinstance(item, dict) else None
+                    if kind in ("video", "audio"):
+                        raise ValueError(f"CLI handles images only: a {kind!r} item cannot be used; send images.")
+        return super()._multimodal_inputs_from_conversations(conversations, *args, **kwargs)
+
     def _group_images_by_prompt(self, images, text, sanitize_control_tokens: bool = False):
         """Checks that every prompt has as many `<image>` markers as images and nests the images per prompt."""
         prompts = [text] if isinstance(text, str) else text
