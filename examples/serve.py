@@ -9,9 +9,10 @@ Serve a CLI checkpoint behind transformers' own OpenAI-compatible server (`trans
 `transformers serve` cannot load CLI by itself: for a model type it does not know it resolves
 `getattr(transformers, config.architectures[0])`. This launcher adds two things and nothing else:
 
-1. it registers the folder's own CLI model class (its remote code, after checking that every `auto_map` of the folder
-   names one of CLI's three files) for `AutoModelForMultimodalLM`, the auto class the server loads image-text models
-   with; `--trust-remote-code` is implied, so serve folders you trust;
+1. it registers the folder's own CLI classes (its remote code, after checking that every `auto_map` of the folder names
+   one of CLI's three files) for `AutoModelForMultimodalLM`, the auto class the server loads image-text models with,
+   and for `AutoConfig` / `AutoProcessor` / `AutoImageProcessor`; the server itself runs with `trust_remote_code=False`,
+   so the one folder's code is trusted (serve folders you trust) and no model a request names can run code;
 2. request errors (`ValueError`: an undecodable image, an image URL that does not answer within `CLI_IMAGE_TIMEOUT`,
    more `<image>` markers than images, a prompt over the model's length, a video or audio item; a chat template error)
    are answered with HTTP 400 and their message instead of transformers' bare 500.
@@ -27,7 +28,7 @@ import sys
 from typing import Annotated
 
 import typer
-from transformers import AutoConfig, AutoModelForMultimodalLM
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForMultimodalLM, AutoProcessor
 from transformers.cli.serve import Serve
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
@@ -44,21 +45,26 @@ def _split_revision(model: str) -> tuple[str, str | None]:
     return model_id, revision or None
 
 
-def _auto_map_references(auto_map) -> list:
-    """Every class reference of an `auto_map` (values are "module.Class" strings, or lists of them for tokenizers)."""
-    references = []
-    for value in (auto_map or {}).values() if isinstance(auto_map, dict) else [auto_map]:
-        references.extend(value if isinstance(value, (list, tuple)) else [value])
-    return [reference for reference in references if reference is not None]
+def _auto_map_references(auto_map) -> list[tuple[str | None, object]]:
+    """`(auto class, reference)` of an `auto_map` (values are "module.Class", or lists of them for tokenizers)."""
+    if auto_map is None:
+        return []
+    if not isinstance(auto_map, dict):
+        return [(None, auto_map)]
+    pairs = []
+    for auto_class, value in auto_map.items():
+        pairs.extend((auto_class, reference) for reference in (value if isinstance(value, (list, tuple)) else [value]))
+    return [(auto_class, reference) for auto_class, reference in pairs if reference is not None]
 
 
-def check_cli_folder(model: str) -> None:
+def check_cli_folder(model: str) -> dict[str, str]:
     """
     Reads MODEL's config files as JSON, before any of its code runs, and raises `ValueError` unless it is a CLI
     checkpoint (`model_type == "cli"`) whose `auto_map`s (model, processor, image processor, tokenizer) reference only
-    CLI's own three files in the same folder.
+    CLI's own three files in the same folder. Returns `{auto class name: "module.Class"}` over all of them.
     """
     model_id, revision = _split_revision(model)
+    references = {}
     for name in CONFIG_FILES_WITH_AUTO_MAP:
         path = cached_file(model_id, name, revision=revision, _raise_exceptions_for_missing_entries=False)
         if path is None:
@@ -82,29 +88,43 @@ def check_cli_folder(model: str) -> None:
             value.get("auto_map") for value in content.values() if isinstance(value, dict)
         ]
         for auto_map in nested:
-            for reference in _auto_map_references(auto_map):
+            for auto_class, reference in _auto_map_references(auto_map):
                 module = reference.split(".")[0] if isinstance(reference, str) else None
                 if module not in CLI_REMOTE_MODULES or "--" in reference:
                     raise ValueError(
                         f"{model}'s {name} maps a class to {reference!r}; a CLI checkpoint references only "
                         f"{', '.join(m + '.py' for m in CLI_REMOTE_MODULES)} in its own folder."
                     )
+                references.setdefault(auto_class, reference)
+    return references
 
 
 def register_cli_classes(model: str) -> type:
     """
-    Checks MODEL ([`check_cli_folder`]), then registers the CLI model class of its remote code for
-    `AutoModelForMultimodalLM` and under model type `cli` in the names the server dispatches on; returns the class.
+    Checks MODEL ([`check_cli_folder`]), loads the classes its `auto_map`s name from its remote code (trusting this
+    folder alone) and registers them for the auto classes the server loads with: `AutoConfig` (model type `cli`),
+    `AutoModelForMultimodalLM`, `AutoProcessor` and `AutoImageProcessor`. The server then loads the folder with
+    `trust_remote_code=False`, so no other model a request names (`/load_model`) can run its code. Returns the model
+    class.
     """
-    check_cli_folder(model)
+    references = check_cli_folder(model)
     model_id, revision = _split_revision(model)
-    config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=True)
-    reference = config.auto_map.get("AutoModelForImageTextToText") or config.auto_map["AutoModel"]
-    model_class = get_class_from_dynamic_module(reference, model_id, revision=revision)
-    AutoModelForMultimodalLM.register(type(config), model_class, exist_ok=True)
+
+    def load(*auto_classes):
+        reference = next((references[name] for name in auto_classes if name in references), None)
+        if reference is None:
+            raise ValueError(f"{model}'s auto_map names no {' or '.join(auto_classes)} class.")
+        return get_class_from_dynamic_module(reference, model_id, revision=revision)
+
+    config_class = load("AutoConfig")
+    model_class = load("AutoModelForImageTextToText", "AutoModel")
+    AutoConfig.register("cli", config_class, exist_ok=True)
+    AutoModelForMultimodalLM.register(config_class, model_class, exist_ok=True)
+    AutoProcessor.register(config_class, load("AutoProcessor"), exist_ok=True)
+    AutoImageProcessor.register(config_class, image_processor_classes={"pil": load("AutoImageProcessor")}, exist_ok=True)
     # `ModelManager._load_model` takes the AutoModelForMultimodalLM path for the model types named here, and
     # `get_model_modality` reads the request modality (images accepted) from the class names
-    MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES[config.model_type] = model_class.__name__
+    MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES["cli"] = model_class.__name__
     return model_class
 
 
@@ -138,11 +158,11 @@ def install_request_error_handlers() -> None:
 def serve(model: str, **options) -> None:
     register_cli_classes(model)
     install_request_error_handlers()
-    Serve(force_model=model, trust_remote_code=True, **options)
+    Serve(force_model=model, trust_remote_code=False, **options)
 
 
 def _serve_signature() -> inspect.Signature:
-    """`transformers serve`'s options, with MODEL required and `--trust-remote-code` implied."""
+    """`transformers serve`'s options, with MODEL required; `--trust-remote-code` is not one (see `register_cli_classes`)."""
     model = inspect.Parameter(
         "model",
         inspect.Parameter.POSITIONAL_OR_KEYWORD,

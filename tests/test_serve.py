@@ -138,6 +138,13 @@ def test_image_text_and_streamed_answers_equal_generate(client, reference):
         response = ask(client, [image_item(data_url(image)), text_item(question)])
         assert response.choices[0].message.content == reference([{"type": "image", "image": image}, text_item(question)])
 
+    # two images in one message (the multi-image treatment: base view + newline each)
+    other = shapes_data.generate_examples(1, seed=3)[0]["images"][0]
+    question = "How many squares are there?"
+    response = ask(client, [image_item(data_url(image)), image_item(data_url(other)), text_item(question)])
+    expected = reference([{"type": "image", "image": image}, {"type": "image", "image": other}, text_item(question)])
+    assert response.choices[0].message.content == expected
+
     # text only: a plain string content, as most clients send it
     response = ask(client, BUNDLED_QUESTION)
     assert response.choices[0].message.content == reference([text_item(BUNDLED_QUESTION)])
@@ -198,9 +205,9 @@ BAD_REQUESTS = {
     "image marker without an image": ([text_item("<image>\nWhat color is the circle?")], "no images were passed"),
     "prompt over the model's length": ([text_item("word " * 2100)], "over this model's 2048 positions"),
     "video item": ([{"type": "video_url", "video_url": {"url": "http://127.0.0.1:9/clip.mp4"}}, text_item("What?")],
-                   "CLI handles images only: a 'video' item"),
+                   "video items are not supported"),
     "audio item": ([{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, text_item("What?")],
-                   "CLI handles images only: a 'audio' item"),
+                   "audio items are not supported"),
     "unknown model name": ({"model": "not/this-model"}, "Server is pinned to 'examples/shapes/model'"),
     "image URL that never answers": ([image_item("SILENT"), text_item("What?")], "Cannot download image"),
 }
@@ -236,6 +243,23 @@ def test_streamed_prompt_over_the_length_ends_the_stream_with_the_error(client):
     assert ask(client, BUNDLED_QUESTION).choices[0].message.content  # still serving
 
 
+def test_a_model_a_request_names_cannot_run_its_code(server, client, tmp_path):
+    """`/load_model` loads any model a client names; the server runs with trust_remote_code=False (only CLI's folder is
+    trusted, through registration), so a folder with remote code is refused instead of executed."""
+    marker = tmp_path / "code_ran"
+    auto_map = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel", "AutoProcessor": "evil.EvilProcessor"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": auto_map}))
+    (tmp_path / "processor_config.json").write_text(json.dumps({"auto_map": {"AutoProcessor": "evil.EvilProcessor"}}))
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    request = urllib.request.Request(f"{server[0]}/load_model", data=json.dumps({"model": str(tmp_path)}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        events = response.read().decode()
+    assert '"status": "error"' in events and "contains custom code" in events, events
+    assert not marker.exists()
+    assert ask(client, BUNDLED_QUESTION).choices[0].message.content  # still serving
+
+
 @pytest.mark.parametrize(
     "config, message",
     [
@@ -251,3 +275,20 @@ def test_launcher_refuses_a_folder_that_is_not_cli_before_running_its_code(tmp_p
     (tmp_path / "evil.py").write_text("raise SystemExit('evil code ran')\n")
     with pytest.raises(ValueError, match=message):
         serve.register_cli_classes(str(tmp_path))
+
+
+def test_bench_serve_load_generator_counts_what_the_server_generated(server):
+    """benchmarks/bench_serve.py's `measure` against this module's server: every request answered, exactly
+    `new_tokens` generated each (min_new_tokens through the request's generation_config), percentiles as numpy's."""
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_serve
+
+    result = bench_serve.measure(server[0], MODEL, bench_serve.request_images("shapes", 3), concurrency=2, new_tokens=5)
+    assert result["requests"] == 3 and len(result["answers"]) == 3
+    assert result["generated_tokens"] == 15
+    assert result["latency_p50_s"] <= result["latency_p95_s"] <= result["wall_s"]
+    values = sorted([0.3, 0.1, 0.7, 0.2, 0.9])
+    for q in (50, 95):
+        assert bench_serve.percentile(values, q) == pytest.approx(np.percentile(values, q))
