@@ -99,6 +99,27 @@ def check_cli_folder(model: str) -> dict[str, str]:
     return references
 
 
+def served_model_class(model_class: type) -> type:
+    """
+    `model_class` as the server runs it: a prompt longer than the model's positions is a request error (400). A
+    transformers model itself accepts any length (RoPE models extrapolate, and rope scaling extends them on purpose);
+    a server answering from a 2,048-position model should refuse a 4,000-token prompt rather than return noise.
+    """
+
+    class ServedCLIForConditionalGeneration(model_class):
+        def generate(self, inputs=None, **kwargs):
+            prompt = kwargs.get("input_ids", inputs)
+            limit = self.config.text_config.max_position_embeddings
+            if prompt is not None and prompt.shape[-1] > limit:
+                raise ValueError(
+                    f"The input is {prompt.shape[-1]} tokens long, over this model's {limit} positions "
+                    "(text_config.max_position_embeddings)."
+                )
+            return super().generate(inputs, **kwargs)
+
+    return ServedCLIForConditionalGeneration
+
+
 def register_cli_classes(model: str) -> type:
     """
     Checks MODEL ([`check_cli_folder`]), loads the classes its `auto_map`s name from its remote code (trusting this
@@ -117,7 +138,7 @@ def register_cli_classes(model: str) -> type:
         return get_class_from_dynamic_module(reference, model_id, revision=revision)
 
     config_class = load("AutoConfig")
-    model_class = load("AutoModelForImageTextToText", "AutoModel")
+    model_class = served_model_class(load("AutoModelForImageTextToText", "AutoModel"))
     AutoConfig.register("cli", config_class, exist_ok=True)
     AutoModelForMultimodalLM.register(config_class, model_class, exist_ok=True)
     AutoProcessor.register(config_class, load("AutoProcessor"), exist_ok=True)

@@ -424,12 +424,6 @@ class CLITextModel(_SwitchableAttention, Qwen2Model):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        if length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"The input is {length} tokens long, over this model's {self.config.max_position_embeddings} "
-                "positions (text_config.max_position_embeddings)."
-            )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
