@@ -177,6 +177,8 @@ def install_request_error_handlers() -> None:
 
 
 def serve(model: str, **options) -> None:
+    # image sources in requests are URLs or base64 data, never files on this machine (unless the operator says so)
+    os.environ.setdefault("CLI_IMAGE_LOCAL_PATHS", "0")
     register_cli_classes(model)
     install_request_error_handlers()
     Serve(force_model=model, trust_remote_code=False, **options)

@@ -210,6 +210,11 @@ BAD_REQUESTS = {
                    "audio items are not supported"),
     "unknown model name": ({"model": "not/this-model"}, "Server is pinned to 'examples/shapes/model'"),
     "image URL that never answers": ([image_item("SILENT"), text_item("What?")], "Cannot download image"),
+    # a path on the server's disk is neither read nor probed: the same answer whether the file exists or not
+    "a file on the server's disk": ([image_item(BUNDLED_IMAGE), text_item("What?")],
+                                    "local file paths are not read here"),
+    "a missing file on the server's disk": ([image_item("/no/such/image.png"), text_item("What?")],
+                                            "local file paths are not read here"),
 }
 
 
