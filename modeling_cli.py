@@ -154,7 +154,8 @@ def single_query_readout(
 ) -> torch.Tensor:
     """
     `sum_h softmax(X u_h + shift_h) . (X z_h) + constant` over each group of tokens: the folded form of
-    `w . MHA(q; X)` (see [`CLISingleQueryAttention`]). One `(tokens, d) x (d, 2 * heads)` matmul; softmax in float32.
+    `w . MHA(q; X)` (see [`CLISingleQueryAttention`]). One `(2 * heads, d) x (d, tokens)` matmul (this orientation:
+    CPU BLAS runs the skinny `(tokens, d) x (d, 2 * heads)` product about twice as slowly); softmax in float32.
 
     Args:
         tokens: `(*batch, num_tokens, hidden_size)`.
@@ -167,13 +168,14 @@ def single_query_readout(
         `(*batch, num_groups)` float32.
     """
     heads = score_vectors.shape[-1]
-    projections = torch.matmul(tokens, torch.cat([score_vectors, value_vectors], dim=-1)).float()  # (*batch, T, 2H)
-    scores = projections[..., :heads]
+    readouts = torch.cat([score_vectors, value_vectors], dim=-1).T  # (2H, d)
+    projections = torch.matmul(readouts, tokens.transpose(-1, -2)).float()  # (*batch, 2H, T)
+    scores = projections[..., :heads, :]
     if score_shift is not None:
-        scores = scores + score_shift.float()
-    scores = scores.transpose(-1, -2).unsqueeze(-3).masked_fill(~token_mask.unsqueeze(-2), torch.finfo(torch.float32).min)
+        scores = scores + score_shift.float()[:, None]
+    scores = scores.unsqueeze(-3).masked_fill(~token_mask.unsqueeze(-2), torch.finfo(torch.float32).min)
     weights = scores.softmax(dim=-1)  # (*batch, groups, heads, tokens)
-    values = projections[..., heads:].transpose(-1, -2).unsqueeze(-3)  # (*batch, 1, heads, tokens)
+    values = projections[..., heads:, :].unsqueeze(-3)  # (*batch, 1, heads, tokens)
     return (weights * values).sum(dim=(-1, -2)) + constant.float()
 
 
@@ -295,10 +297,16 @@ class CLIAdaptiveGatingFusion(nn.Module):
         gates = torch.tanh(vision_logits.T + context_logits + self.gate_bias.float())  # (batch, K)
         gates = gates * token_in_sample.any(dim=-1, keepdim=True)
 
-        token_gates = gates[sample_index].to(layer_features.dtype)  # (num_image_tokens, K)
-        injection = token_gates[:, :1] * layer_features[0]
-        for k in range(1, layer_features.shape[0]):  # K is small; this reads each feature set once, with no copy
-            injection = injection.addcmul(token_gates[:, k : k + 1], layer_features[k])
+        # sum_k g_bk V_k over each sample's image tokens (contiguous, in placeholder order): one (1, K) x (K, n_b d)
+        # product per sample reads the feature sets once
+        num_features, _, hidden_size = layer_features.shape
+        sample_gates = gates.to(layer_features.dtype)
+        pieces = [
+            (sample_gates[b : b + 1] @ features.reshape(num_features, -1)).view(-1, hidden_size)
+            for b, features in enumerate(layer_features.split(token_in_sample.sum(-1).tolist(), dim=1))
+            if features.shape[1]
+        ]
+        injection = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         hidden_states = hidden_states.index_put(
             (sample_index, seq_index), injection.to(hidden_states.dtype), accumulate=True
         )
