@@ -412,8 +412,9 @@ class StageTimer:
         self.wrap(inner.vision_tower, "forward", "vision tower")
         self.wrap(inner.multi_modal_projector, "forward", "projector")
         self.wrap(inner, "pack_image_features", "packing")
-        if hasattr(inner, "pack_into"):  # a CLI that packs into a preallocated buffer
-            self.wrap(inner, "pack_into", "packing")
+        for method in ("pack_into", "pack_kept_into"):  # CLI packs into a preallocated buffer
+            if hasattr(inner, method):
+                self.wrap(inner, method, "packing")
         self.wrap(inner.language_model, "forward", "LLM (rest: masks, rope, norm)")
         for layer in inner.language_model.layers:
             self.wrap(layer, "forward", "decoder layers")
