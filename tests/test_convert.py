@@ -277,6 +277,56 @@ def test_key_map_places_trained_cli_weights(trained, tmp_path, capsys):
         assert (expected.logits - got.logits).abs().max() <= 1e-5
 
 
+def test_fold_agf_writes_only_the_folded_tensors_and_gives_the_same_outputs(trained, tmp_path, capsys):
+    """--fold-agf: the fork's attention weights are folded while streaming; the reference is the source model."""
+    model, src, key_map = trained
+    out = tmp_path / "cli-folded"
+    assert run("--input", src, "--output", out, "--key-map", key_map, "--amp-lora-rank", 4,
+               "--vision-config", vision_config_arg(), "--fold-agf") == 0
+    log = capsys.readouterr().out
+    assert re.search(r"--fold-agf: AGF's 4 attentions are folded .*: 40 attention-form tensors become 12 folded", log), log
+    assert json.loads((out / "config.json").read_text())["agf_form"] == "folded"
+    weights = read_weights(out)
+    assert not [name for name in weights if name.endswith(("query_weight", "key_weight", "readout_vector"))]
+    folded_names = {name for name in weights if ".agf." in name and not name.endswith("gate_bias")}
+    assert folded_names == {f"model.language_model.agf.{j}.{part}_attention.{name}" for j in (1, 3)
+                            for part in ("vision", "context") for name in ("score_vectors", "value_vectors", "constant")}
+    assert {f"model.language_model.agf.{j}.gate_bias" for j in (1, 3)} <= weights.keys()
+    # the folded vectors are those the model's own fold computes in float64 from the source's attention weights
+    state = model.state_dict()
+    for j in (1, 3):
+        prefix = f"model.language_model.agf.{j}.vision_attention."
+        query = state[prefix + "query_weight"].double() @ state[prefix + "query_vector"].double()
+        query = (query + state[prefix + "query_bias"].double()).view(4, 16) / 4.0  # 4 heads of 16: / sqrt(16)
+        expected = torch.einsum("hc,hcd->dh", query, state[prefix + "key_weight"].double().view(4, 16, 64))
+        assert (weights[prefix + "score_vectors"].double() - expected).abs().max() <= 1e-6
+    converted = load_converted(out)
+    assert type(converted.model.language_model.agf["1"].vision_attention).__name__ == "CLIFoldedSingleQueryAttention"
+    for size in SIZES[1:]:
+        inputs = image_inputs(model, size)
+        with torch.no_grad():
+            expected = model(**inputs, output_gate_weights=True)
+            got = converted(**inputs, output_gate_weights=True)
+        assert expected.gate_weights.abs().min() > 0  # the injection really runs
+        assert (expected.logits - got.logits).abs().max() <= 1e-5
+        assert (expected.gate_weights - got.gate_weights).abs().max() <= 1e-6
+
+
+def test_fold_agf_with_init_cli_is_still_the_base_model(untied, tmp_path):
+    src = make_llava_hf_checkpoint(tmp_path / "src", untied, legacy=False)
+    out = tmp_path / "cli"
+    assert run("--input", src, "--output", out, "--fold-agf", "--vision-extraction-layers", "1,3",
+               "--llm-injection-layers", "1,3", "--amp-lora-rank", 4) == 0
+    weights = read_weights(out)
+    for name, tensor in weights.items():
+        if name.endswith(("value_vectors", "constant", "gate_bias", "amp.lora_B")):
+            assert torch.count_nonzero(tensor) == 0, name  # zero readouts: zero gates
+    converted, native = load_converted(out), native_twin(untied)
+    inputs = image_inputs(native, SIZES[1])
+    with torch.no_grad():
+        assert (converted(**inputs).logits - native(**inputs).logits).abs().max() <= 1e-5
+
+
 def test_cli_keys_without_key_map_fail_grouped(trained, tmp_path, capsys):
     _, src, _ = trained
     out = tmp_path / "cli"
