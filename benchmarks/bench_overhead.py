@@ -482,25 +482,31 @@ def stage_profile(variants: dict, inputs: dict, repeats: int, device: str) -> di
 # FLOPs
 
 
-def count_image_tokens(dims: dict, image_size: tuple[int, int], base_view_only: bool) -> tuple[int, int]:
-    """(crops, packed tokens) of one image, from the packing's shapes alone (LLaVA-NeXT unpad and anyres_max_9)."""
+def count_image_tokens(dims: dict, image_size: tuple[int, int], base_view_only: bool) -> tuple[int, int, int]:
+    """
+    (crops, packed tokens, projected tokens) of one image, from the packing's shapes alone (LLaVA-NeXT unpad and
+    anyres_max_9). CLI projects only the vision tokens that survive unpadding: the base view and the kept grid.
+    """
     tile, side = dims["image_size"], dims["image_size"] // dims["patch_size"]
     if base_view_only:
-        return 1, side * side + 1
+        return 1, side * side + 1, side * side
     pinpoints = [[tile * h, tile * w] for h in range(1, 7) for w in range(1, 7)]
     crops = image_size_to_num_patches(image_size, pinpoints, tile)
     grid_h, grid_w = get_anyres_image_grid_shape(image_size, pinpoints, tile)
     rows, cols = unpadded_grid_shape(image_size[0], image_size[1], grid_h * side, grid_w * side)
+    projected = side * side + rows * cols
     ratio = math.sqrt(rows * cols / (9 * side**2))
     if ratio > 1.1:
         rows, cols = int(rows // ratio), int(cols // ratio)
-    return crops, side * side + rows * (cols + 1)
+    return crops, side * side + rows * (cols + 1), projected
 
 
-def flop_count(dims: dict, crops: int, image_tokens: int, seq_len: int, batch: int, agf_form: str = "attention"):
+def flop_count(dims: dict, crops: int, image_tokens: int, seq_len: int, batch: int, agf_form: str = "attention",
+               projected_tokens: int | None = None):
     """
     Multiply-adds x 2 of one prefill (images encoded + prompt forward, last-token logits) for the native model, and
-    what CLI adds, by component. `crops` / `image_tokens` are per sample; `seq_len` the prompt length per sample.
+    what CLI adds, by component. `crops` / `image_tokens` are per sample; `seq_len` the prompt length per sample;
+    `projected_tokens` the vision tokens per sample CLI projects (those that survive unpadding; default: all).
     Element-wise work (GELU, softmax, masks, norms, bias adds, the packing's interpolation) is left out of both: it is
     under 1% of either side.
     """
@@ -525,9 +531,11 @@ def flop_count(dims: dict, crops: int, image_tokens: int, seq_len: int, batch: i
     native = dict(vision_tower=vision, projector=projector, llm=llm, lm_head=lm_head)
     native["total"] = sum(native.values())
 
-    # K extra projector passes: the baseline keeps its own slot even when its layer is also an extraction layer
-    amp_projector = k * crop_tokens * projector_pass
-    amp_lora = k * crop_tokens * 2 * r * (dv + d)
+    # K extra projector passes over the tokens that survive unpadding (the baseline keeps its own slot even when its
+    # layer is also an extraction layer), less the padding tokens CLI's baseline slot no longer projects
+    kept = batch * (crops * patches if projected_tokens is None else projected_tokens)
+    amp_projector = k * kept * projector_pass - (crop_tokens - kept) * projector_pass
+    amp_lora = k * kept * 2 * r * (dv + d)
     # AGF per injection layer, as modeling_cli computes it (attention folded through the gate readout w:
     # w . MHA(q; X) = sum_h softmax(X u_h) . (X z_h) + c): one (tokens, d) x (d, 2 h) matmul per attention, over the
     # K feature sets (2 K N d 2h) and the context (2 B S d 2h); the attention form also folds its weights at every
@@ -666,8 +674,14 @@ def run_case(models: dict, scenario: dict, batch: int, args, dims: dict) -> dict
                            "flops_measured")}
         for name in names if name != "native"
     }
-    result["flops"] = flop_count(dims, crops, image_tokens, seq_len, batch)
-    result["flops_folded"] = flop_count(dims, crops, image_tokens, seq_len, batch, agf_form="folded")
+    tile = dims["image_size"]
+    counts = [count_image_tokens(dims, (h * tile // REAL_TILE, w * tile // REAL_TILE), scenario["base_view_only"])
+              for h, w in scenario["images"]]
+    projected = sum(c[2] for c in counts)
+    result["projected_tokens_per_sample"] = projected
+    result["flops"] = flop_count(dims, crops, image_tokens, seq_len, batch, projected_tokens=projected)
+    result["flops_folded"] = flop_count(dims, crops, image_tokens, seq_len, batch, agf_form="folded",
+                                        projected_tokens=projected)
     floor = memory_floor(dims, image_tokens, batch, torch.finfo(dtype).bits // 8)
     native_peak = result["native"]["peak_bytes_beyond_weights"]
     result["memory_floor_bytes"] = floor
@@ -793,11 +807,13 @@ def main(argv=None) -> dict:
         result = run_case(models, scenario, batch, args, dims)
         # the same prompts on the real CLI-7B (729 tokens per crop): the FLOP ratio it would have
         real = [count_image_tokens(REAL_7B, size, scenario["base_view_only"]) for size in scenario["images"]]
-        real_crops, real_tokens = sum(c for c, _ in real), sum(t for _, t in real)
+        real_crops, real_tokens, real_projected = (sum(c[i] for c in real) for i in range(3))
         real_seq = result["seq_len"] - result["image_tokens_per_sample"] + real_tokens
-        result["flops_real_7b"] = flop_count(REAL_7B, real_crops, real_tokens, real_seq, batch)
+        result["flops_real_7b"] = flop_count(REAL_7B, real_crops, real_tokens, real_seq, batch,
+                                             projected_tokens=real_projected)
         result["flops_real_7b"]["image_tokens_per_sample"] = real_tokens
-        result["flops_real_7b_folded"] = flop_count(REAL_7B, real_crops, real_tokens, real_seq, batch, agf_form="folded")
+        result["flops_real_7b_folded"] = flop_count(REAL_7B, real_crops, real_tokens, real_seq, batch, agf_form="folded",
+                                                    projected_tokens=real_projected)
         result["memory_real_7b"] = real_7b_memory(result, real_tokens, real_seq, args.new_tokens, real_counts,
                                                   args.variants)
         for name in args.variants[1:]:
