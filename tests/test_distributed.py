@@ -218,14 +218,19 @@ def launch(script, *args, nproc=1, env=None):
     Runs `examples/<script>` in one process, or under torchrun with `nproc` processes on 127.0.0.1 (a free port), one
     thread each; kills the whole process group at the deadline. Returns stdout; a failure shows stderr.
     """
+    launcher = []
+    if nproc > 1:
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+                    "--master_port", str(free_port())]
+    return run_python(*launcher, os.path.join(EXAMPLES, script), *args, env=env)
+
+
+def run_python(*args, env=None):
+    """`python ARGS` in its own session, one thread a process, offline; the session is killed at the deadline."""
     import signal
     import subprocess
 
-    command = [sys.executable]
-    if nproc > 1:
-        command += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-                    "--master_port", str(free_port())]
-    command += [os.path.join(EXAMPLES, script), *map(str, args)]
+    command = [sys.executable, *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
@@ -422,3 +427,53 @@ def test_fsdp2_on_two_processes_matches_one_process_and_saves_a_reloadable_folde
         expected_logits = reference(**inputs).logits
     torch.testing.assert_close(reloaded["logits"], expected_logits, rtol=0, atol=1e-5)
     assert f"tokens {reloaded['tokens'].tolist()}" in stdout, stdout
+
+
+ACCELERATE_PROBE = r"""
+import json, os, sys
+import training_cli
+from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer
+
+base, data, run = sys.argv[1:4]
+args = training_cli.training_arguments(run, per_device_train_batch_size=2, max_steps=1)
+with args.main_process_first(local=False):  # process 0 caches the remote code before the other reads it
+    model = AutoModelForImageTextToText.from_pretrained(base, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(base, trust_remote_code=True)
+model.set_trainable("cli", verbose=False)
+trainer = Trainer(
+    model=model, args=args, train_dataset=training_cli.load_chat_jsonl(data),
+    data_collator=training_cli.CLIDataCollator(processor),
+)
+trainer.train()
+state = trainer.accelerator.state
+print("PROBE " + json.dumps({
+    "use_fsdp": os.environ.get("ACCELERATE_USE_FSDP"), "fsdp_version": os.environ.get("FSDP_VERSION"),
+    "distributed_type": str(state.distributed_type), "fsdp_enabled": trainer.is_fsdp_enabled,
+    "wrapped": type(trainer.model_wrapped).__name__, "backend": state.backend, "world_size": trainer.args.world_size,
+}), flush=True)
+"""
+
+
+def test_accelerate_fsdp2_config_on_cpu_processes_trains_with_ddp(tmp_path, shapes_jsonl):
+    """
+    examples/accelerate_fsdp2.yaml under `accelerate launch` on 2 CPU processes: accelerate reads it as FSDP2
+    (ACCELERATE_USE_FSDP=true, FSDP_VERSION=2), but its AcceleratorState turns on FSDP only for accelerator
+    (multi-GPU/NPU/XPU/...) runs, so on CPU processes it stays MULTI_CPU and the Trainer wraps the model in DDP (gloo).
+    """
+    import json
+
+    base = build_tiny_cli_checkpoint_in(tmp_path / "cli-dist-accelerate-base")
+    probe = tmp_path / "probe.py"
+    probe.write_text(ACCELERATE_PROBE)
+    stdout = run_python(
+        "-m", "accelerate.commands.launch", "--config_file", os.path.join(EXAMPLES, "accelerate_fsdp2.yaml"),
+        "--num_processes", 2, "--main_process_ip", "127.0.0.1", "--main_process_port", free_port(), probe, base,
+        shapes_jsonl, tmp_path / "run", env={"HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+    reports = [json.loads(line.split(" ", 1)[1]) for line in stdout.splitlines() if line.startswith("PROBE ")]
+    assert len(reports) == 2, stdout
+    for report in reports:
+        assert report == {
+            "use_fsdp": "true", "fsdp_version": "2", "distributed_type": "DistributedType.MULTI_CPU",
+            "fsdp_enabled": False, "wrapped": "DistributedDataParallel", "backend": "gloo", "world_size": 2,
+        }
