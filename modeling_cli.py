@@ -154,7 +154,8 @@ def single_query_readout(
 ) -> torch.Tensor:
     """
     `sum_h softmax(X u_h + shift_h) . (X z_h) + constant` over each group of tokens: the folded form of
-    `w . MHA(q; X)` (see [`CLISingleQueryAttention`]). One `(tokens, d) x (d, 2 * heads)` matmul; softmax in float32.
+    `w . MHA(q; X)` (see [`CLISingleQueryAttention`]). One `(2 * heads, d) x (d, tokens)` matmul (this orientation:
+    CPU BLAS runs the skinny `(tokens, d) x (d, 2 * heads)` product about twice as slowly); softmax in float32.
 
     Args:
         tokens: `(*batch, num_tokens, hidden_size)`.
@@ -167,13 +168,14 @@ def single_query_readout(
         `(*batch, num_groups)` float32.
     """
     heads = score_vectors.shape[-1]
-    projections = torch.matmul(tokens, torch.cat([score_vectors, value_vectors], dim=-1)).float()  # (*batch, T, 2H)
-    scores = projections[..., :heads]
+    readouts = torch.cat([score_vectors, value_vectors], dim=-1).T  # (2H, d)
+    projections = torch.matmul(readouts, tokens.transpose(-1, -2)).float()  # (*batch, 2H, T)
+    scores = projections[..., :heads, :]
     if score_shift is not None:
-        scores = scores + score_shift.float()
-    scores = scores.transpose(-1, -2).unsqueeze(-3).masked_fill(~token_mask.unsqueeze(-2), torch.finfo(torch.float32).min)
+        scores = scores + score_shift.float()[:, None]
+    scores = scores.unsqueeze(-3).masked_fill(~token_mask.unsqueeze(-2), torch.finfo(torch.float32).min)
     weights = scores.softmax(dim=-1)  # (*batch, groups, heads, tokens)
-    values = projections[..., heads:].transpose(-1, -2).unsqueeze(-3)  # (*batch, 1, heads, tokens)
+    values = projections[..., heads:, :].unsqueeze(-3)  # (*batch, 1, heads, tokens)
     return (weights * values).sum(dim=(-1, -2)) + constant.float()
 
 
@@ -295,10 +297,16 @@ class CLIAdaptiveGatingFusion(nn.Module):
         gates = torch.tanh(vision_logits.T + context_logits + self.gate_bias.float())  # (batch, K)
         gates = gates * token_in_sample.any(dim=-1, keepdim=True)
 
-        token_gates = gates[sample_index].to(layer_features.dtype)  # (num_image_tokens, K)
-        injection = token_gates[:, :1] * layer_features[0]
-        for k in range(1, layer_features.shape[0]):  # K is small; this reads each feature set once, with no copy
-            injection = injection.addcmul(token_gates[:, k : k + 1], layer_features[k])
+        # sum_k g_bk V_k over each sample's image tokens (contiguous, in placeholder order): one (1, K) x (K, n_b d)
+        # product per sample reads the feature sets once
+        num_features, _, hidden_size = layer_features.shape
+        sample_gates = gates.to(layer_features.dtype)
+        pieces = [
+            (sample_gates[b : b + 1] @ features.reshape(num_features, -1)).view(-1, hidden_size)
+            for b, features in enumerate(layer_features.split(token_in_sample.sum(-1).tolist(), dim=1))
+            if features.shape[1]
+        ]
+        injection = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         hidden_states = hidden_states.index_put(
             (sample_index, seq_index), injection.to(hidden_states.dtype), accumulate=True
         )
@@ -533,39 +541,88 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
             )
         return plans
 
+    def kept_token_index(self, plans: list[PackingPlan], crops_per_image: list[int], device=None) -> torch.Tensor:
+        """
+        `(num_kept,)` indices into the vision tokens of all crops, flattened `(total_crops * patches_per_crop)`, of the
+        tokens the packing keeps, image by image: the base view's, then the anyres grid's inside the unpadded box in
+        row-major order. The projector and AMP's LoRA act per token, so projecting only these gives exactly the packed
+        features while skipping the letterbox padding that unpadding drops (0-21 % of the tokens for common photos).
+        """
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        patches = side * side
+        pieces, first_crop = [], 0
+        for plan, num_crops in zip(plans, crops_per_image):
+            pieces.append(torch.arange(patches, device=device) + first_crop * patches)
+            if plan.grid_shape is not None:
+                (_, grid_width), (top, left, height, width) = plan.grid_shape, plan.crop_box
+                rows = torch.arange(top, top + height, device=device)[:, None]
+                cols = torch.arange(left, left + width, device=device)[None, :]
+                crop = first_crop + 1 + (rows // side) * grid_width + cols // side
+                pieces.append((crop * patches + (rows % side) * side + cols % side).flatten())
+            first_crop += num_crops
+        return torch.cat(pieces)
+
+    def _write_packed(self, destination, base_view, grid, plan: PackingPlan, image_newline):
+        """One image's packed rows: the base view, then the (interpolated) kept grid with a newline after each row."""
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        destination[: side * side] = base_view
+        if plan.grid_shape is None:
+            destination[side * side] = image_newline
+            return
+        out_height, out_width = plan.output_shape
+        if (out_height, out_width) != tuple(grid.shape[:2]):
+            # channels-last throughout: the bilinear kernel reads it directly, and no transposed copy of the grid is made
+            grid = grid.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+            grid = nn.functional.interpolate(grid, [out_height, out_width], mode="bilinear")[0].permute(1, 2, 0)
+        rows = destination[side * side :].unflatten(0, (out_height, out_width + 1))
+        rows[:, :out_width] = grid
+        rows[:, out_width] = image_newline
+
+    def pack_kept_into(self, kept_features, plans: list[PackingPlan], image_newline: torch.Tensor, out: torch.Tensor):
+        """
+        Writes the packed features of every image into consecutive rows of `out`, from the features of the kept tokens
+        only ([`kept_token_index`] order).
+
+        Args:
+            kept_features (`torch.Tensor` of shape `(num_kept, channels)`): per image, the base view's tokens then the
+                kept grid's, row-major.
+            plans (`list[PackingPlan]`): from [`packing_plans`].
+            image_newline (`torch.Tensor` of shape `(channels,)`): the row separator.
+            out (`torch.Tensor` of shape `(sum of plan.num_tokens, channels)`): the destination (any row stride).
+        """
+        patches = (self.config.vision_config.image_size // self.config.vision_config.patch_size) ** 2
+        read = written = 0
+        for plan in plans:
+            base_view = kept_features[read : read + patches]
+            read += patches
+            grid = None
+            if plan.grid_shape is not None:
+                height, width = plan.crop_box[2:]
+                grid = kept_features[read : read + height * width].view(height, width, -1)
+                read += height * width
+            self._write_packed(out[written : written + plan.num_tokens], base_view, grid, plan, image_newline)
+            written += plan.num_tokens
+
     def pack_into(self, image_features, plans: list[PackingPlan], image_newline: torch.Tensor, out: torch.Tensor):
         """
-        Writes the packed features of every image into consecutive rows of `out`.
+        Writes the packed features of every image into consecutive rows of `out`, from the features of all crops.
 
         Args:
             image_features (`list[torch.Tensor]`): per image, `(num_crops, patches_per_crop, channels)`, base view first.
             plans (`list[PackingPlan]`): from [`packing_plans`].
             image_newline (`torch.Tensor` of shape `(channels,)`): the row separator.
             out (`torch.Tensor` of shape `(sum of plan.num_tokens, channels)`): the destination (any row stride).
-
-        The grid stays channels-last throughout (crop, bilinear interpolation with the channels-last kernel, rows
-        written next to their newline), which avoids transposing the whole grid twice as channels-first packing does.
         """
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         offset = 0
         for image_feature, plan in zip(image_features, plans):
-            destination = out[offset : offset + plan.num_tokens]
+            grid = None
+            if plan.grid_shape is not None:
+                (grid_height, grid_width), (top, left, height, width) = plan.grid_shape, plan.crop_box
+                grid = image_feature[1:].view(grid_height, grid_width, side, side, -1).permute(0, 2, 1, 3, 4)
+                grid = grid.reshape(grid_height * side, grid_width * side, -1)[top : top + height, left : left + width]
+            self._write_packed(out[offset : offset + plan.num_tokens], image_feature[0], grid, plan, image_newline)
             offset += plan.num_tokens
-            destination[: side * side] = image_feature[0]
-            if plan.grid_shape is None:
-                destination[side * side] = image_newline
-                continue
-            (grid_height, grid_width), (top, left, height, width), (out_height, out_width) = (
-                plan.grid_shape, plan.crop_box, plan.output_shape
-            )
-            grid = image_feature[1:].view(grid_height, grid_width, side, side, -1).permute(0, 2, 1, 3, 4)
-            grid = grid.reshape(grid_height * side, grid_width * side, -1)[top : top + height, left : left + width]
-            if (out_height, out_width) != (height, width):
-                grid = grid.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
-                grid = nn.functional.interpolate(grid, [out_height, out_width], mode="bilinear")[0].permute(1, 2, 0)
-            rows = destination[side * side :].unflatten(0, (out_height, out_width + 1))
-            rows[:, :out_width] = grid
-            rows[:, out_width] = image_newline
 
     def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
         """
@@ -678,18 +735,19 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
         )
         plans = self.packing_plans(crops_per_image, image_sizes, vision_aspect_ratio)
         num_tokens = [plan.num_tokens for plan in plans]
+        kept = self.kept_token_index(plans, crops_per_image, device=pixel_values.device)
         packed = None
         for slot, layer in enumerate(layers):
             features = vision_outputs.hidden_states[layer]
             if vision_feature_select_strategy == "default":
                 features = features[:, 1:]
+            features = features.flatten(0, 1)[kept]  # only the tokens the packing keeps: (num_kept, vision_hidden)
             projected = self.multi_modal_projector(features)
             if slot > 0:
                 projected = self.amp(features, projected, slot - 1)
             if packed is None:
                 packed = projected.new_empty(len(layers), sum(num_tokens), projected.shape[-1])
-            newline = self.image_newline.to(projected)
-            self.pack_into(torch.split(projected, crops_per_image, dim=0), plans, newline, packed[slot])
+            self.pack_kept_into(projected, plans, self.image_newline.to(projected), packed[slot])
         per_slot = [list(slot_features.split(num_tokens)) for slot_features in packed]
         return CLIImageFeaturesOutput(
             last_hidden_state=vision_outputs.last_hidden_state,

@@ -32,6 +32,9 @@ IMAGE_TIMEOUT_ENV = "CLI_IMAGE_TIMEOUT"
 DEFAULT_IMAGE_TIMEOUT = 10.0
 IMAGE_MAX_BYTES_ENV = "CLI_IMAGE_MAX_BYTES"
 DEFAULT_IMAGE_MAX_BYTES = 50 * 2**20
+# `CLI_IMAGE_LOCAL_PATHS=0` stops image sources from being read as local file paths (a server sets it, so that clients
+# can neither read nor probe its disk); the default, 1, lets library users pass paths.
+IMAGE_LOCAL_PATHS_ENV = "CLI_IMAGE_LOCAL_PATHS"
 
 # What a chat message may hold (the qwen_1_5 template renders nothing else).
 CHAT_ROLES = ("system", "user", "assistant")
@@ -338,13 +341,21 @@ def download_image_bytes(url: str, timeout: float | None = None, max_bytes: int 
         raise ValueError(f"Cannot download image {description}: {type(error).__name__}: {error} ({limits}).") from error
 
 
+def local_image_paths_allowed() -> bool:
+    """Whether string image sources may be local file paths: `CLI_IMAGE_LOCAL_PATHS` is `1` (default) or `0`."""
+    value = os.environ.get(IMAGE_LOCAL_PATHS_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{IMAGE_LOCAL_PATHS_ENV} must be 0 or 1, got {value!r}.")
+    return value == "1"
+
+
 def load_cli_image(source, timeout: float | None = None, max_bytes: int | None = None) -> Image.Image:
     """
     Loads an image the way LLaVA-NeXT does (`Image.open(...).convert("RGB")`, no EXIF rotation) from a PIL image, a
     local path (`str` or `os.PathLike`), an `http(s)://` URL, a `data:image/...;base64,` URL, a raw base64 string or
     `bytes`. URLs are downloaded by [`download_image_bytes`] (`timeout` / `max_bytes` default to the environment's
-    `CLI_IMAGE_TIMEOUT` / `CLI_IMAGE_MAX_BYTES`: 10 s and 50 MiB). Anything unreadable raises a `ValueError` that names
-    the source.
+    `CLI_IMAGE_TIMEOUT` / `CLI_IMAGE_MAX_BYTES`: 10 s and 50 MiB). With `CLI_IMAGE_LOCAL_PATHS=0` (servers) strings are
+    never read as local paths. Anything unreadable raises a `ValueError` that names the source.
     """
     description = _describe(source)
     if isinstance(source, Image.Image):
@@ -357,7 +368,8 @@ def load_cli_image(source, timeout: float | None = None, max_bytes: int | None =
         raise ValueError(f"Cannot load an image from a {type(source).__name__}; pass a PIL image, path, URL or base64.")
     if source.startswith(("http://", "https://")):
         return _open_image(io.BytesIO(download_image_bytes(source, timeout, max_bytes)), description)
-    if os.path.isfile(source):
+    local_paths = local_image_paths_allowed()
+    if local_paths and os.path.isfile(source):
         return _open_image(source, description)
     payload = source.split(",", 1)[1] if source.startswith("data:") else source
     try:
@@ -365,6 +377,11 @@ def load_cli_image(source, timeout: float | None = None, max_bytes: int | None =
     except (binascii.Error, ValueError):
         data = None
     if not data:
+        if not local_paths:  # the same answer whether or not such a file exists
+            raise ValueError(
+                f"Cannot load image {description}: it is not an http(s) URL or base64 image data (local file paths "
+                f"are not read here: {IMAGE_LOCAL_PATHS_ENV}=0)."
+            )
         raise ValueError(
             f"Cannot load image {description}: it is not an existing file, an http(s) URL or base64 image data."
         )

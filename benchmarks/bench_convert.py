@@ -211,7 +211,8 @@ def naive_child(src: str, dst: str, vision_json: str, max_shard_size: str) -> No
     start = time.perf_counter()
     source = Path(src)
     args = cc.build_parser().parse_args(["--input", src, "--output", dst, "--init-cli", "--vision-config", vision_json])
-    config = cc.build_fork_config(cc.read_source_config(source), args, json.loads(vision_json))
+    probe = cc.probe_checkpoint(cc.list_source_tensors(source)[0], [], "fork")  # sizes checked as the converter does
+    config = cc.build_fork_config(cc.read_source_config(source), args, json.loads(vision_json), probe)
     tokenizer = cc.load_tokenizer(source)
     config.image_token_id, config.video_token_id = cc.tokenizer_ids(tokenizer, config)
     state = {}

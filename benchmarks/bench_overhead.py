@@ -1,8 +1,10 @@
 # Copyright 2026 The CLI for transformers authors. Licensed under the Apache License, Version 2.0.
 """
 What CLI costs over the LLaVA-OneVision it extends: prefill time, decode time per token, peak memory beyond the
-weights, parameters and FLOPs, measured on a native `LlavaOnevisionForConditionalGeneration` and a CLI model that
-share the same base weights (CLI's LoRA `B` and gates random and non-zero, so AMP and the injection really run).
+weights, total inference memory (weights + peak), parameters and FLOPs, measured on a native
+`LlavaOnevisionForConditionalGeneration` and CLI models that share the same base weights (CLI's LoRA `B` and gates
+random and non-zero, so AMP and the injection really run): `cli` (AGF's attention form) and `cli_folded` (the same
+model after `fold_agf()`).
 
     python benchmarks/bench_overhead.py                 # CLI-7B's proportions scaled down: 9 cases, ~15-30 min on 2 cores
     python benchmarks/bench_overhead.py --crops 10 --batch-sizes 1 --sizes ''    # one 1476-token case, a few minutes
@@ -17,6 +19,7 @@ from the model's own packing, so the benchmark does not depend on the processor.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import math
@@ -40,6 +43,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (  # no
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
 )
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from configuration_cli import CLIConfig, parse_layer_list  # noqa: E402
@@ -112,20 +116,22 @@ def build_config(dims: dict) -> CLIConfig:
         vision_extraction_layers=dims["extraction"],
         llm_injection_layers=dims["injection"],
         amp_lora_rank=dims["lora_rank"],
+        agf_form=dims.get("agf_form", "attention"),
     )
 
 
-def native_twin(cli_model: CLIForConditionalGeneration) -> LlavaOnevisionForConditionalGeneration:
+def native_twin(cli_model: CLIForConditionalGeneration, load_weights: bool = True) -> LlavaOnevisionForConditionalGeneration:
     """transformers' own LLaVA-OneVision with a copy of the CLI model's base weights."""
     kwargs = cli_model.config.to_dict()
     for key in ("vision_extraction_layers", "llm_injection_layers", "amp_lora_rank", "amp_lora_alpha", "agf_num_heads",
-                "auto_map", "model_type", "architectures"):
+                "agf_form", "auto_map", "model_type", "architectures"):
         kwargs.pop(key, None)
     config = LlavaOnevisionConfig(**kwargs)
     config._attn_implementation = cli_model.config._attn_implementation
     native = LlavaOnevisionForConditionalGeneration(config)
-    base_state = {k: v for k, v in cli_model.state_dict().items() if ".amp." not in k and ".agf." not in k}
-    native.load_state_dict(base_state, strict=True)
+    if load_weights:
+        base_state = {k: v for k, v in cli_model.state_dict().items() if ".amp." not in k and ".agf." not in k}
+        native.load_state_dict(base_state, strict=True)
     return native.eval()
 
 
@@ -146,28 +152,57 @@ def randomize_cli_modules(model, seed: int = 1) -> None:
             param.copy_((torch.randn(param.shape, generator=generator) * scale).to(param.dtype))
 
 
-def build_models(dims: dict, dtype: torch.dtype, device: str, attn: str):
+def build_models(dims: dict, dtype: torch.dtype, device: str, attn: str) -> dict:
+    """`{"native": ..., "cli": ..., "cli_folded": ...}`: one base, CLI in both AGF forms (folded from the same weights)."""
     torch.manual_seed(0)
     config = build_config(dims)
     config._attn_implementation = attn
     cli = CLIForConditionalGeneration(config).eval()
     randomize_cli_modules(cli)
     native = native_twin(cli).to(device=device, dtype=dtype)
+    folded = copy.deepcopy(cli).fold_agf().to(device=device, dtype=dtype)
     cli = cli.to(device=device, dtype=dtype)
-    for model in (cli, native):
+    for model in (cli, folded, native):
         model.generation_config.pad_token_id = 0
         model.generation_config.eos_token_id = None
         model.generation_config.bos_token_id = None
-    return native, cli
+    return {"native": native, "cli": cli, "cli_folded": folded}
 
 
-def parameter_counts(native, cli) -> dict:
+def weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def parameter_counts(models: dict) -> dict:
+    """Parameters of each variant, and what AMP and AGF add, by form."""
+    native_params = sum(p.numel() for p in models["native"].parameters())
+    counts = dict(native=native_params)
+    for name, model in models.items():
+        if name == "native":
+            continue
+        total = sum(p.numel() for p in model.parameters())
+        counts[name] = dict(
+            total=total, added=total - native_params, added_ratio=(total - native_params) / native_params,
+            amp=sum(p.numel() for p in model.model.amp.parameters()),
+            agf=sum(p.numel() for p in model.model.language_model.agf.parameters()),
+        )
+    return counts
+
+
+def real_parameter_counts(dims: dict = REAL_7B) -> dict:
+    """Parameters of native LLaVA-OV-7B and of CLI-7B in both AGF forms, from the config alone (meta device)."""
+    with torch.device("meta"):
+        cli = {form: CLIForConditionalGeneration(build_config({**dims, "agf_form": form})) for form in ("attention", "folded")}
+        native = native_twin(cli["attention"], load_weights=False)
     native_params = sum(p.numel() for p in native.parameters())
-    cli_params = sum(p.numel() for p in cli.parameters())
-    amp = sum(p.numel() for p in cli.model.amp.parameters())
-    agf = sum(p.numel() for p in cli.model.language_model.agf.parameters())
-    return dict(native=native_params, cli=cli_params, added=cli_params - native_params, amp=amp, agf=agf,
-                added_ratio=(cli_params - native_params) / native_params)
+    counts = dict(native=native_params)
+    for form, model in cli.items():
+        amp = sum(p.numel() for p in model.model.amp.parameters())
+        agf = sum(p.numel() for p in model.model.language_model.agf.parameters())
+        counts["cli" if form == "attention" else "cli_folded"] = dict(
+            total=native_params + amp + agf, added=amp + agf, added_ratio=(amp + agf) / native_params, amp=amp, agf=agf
+        )
+    return counts
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -377,8 +412,9 @@ class StageTimer:
         self.wrap(inner.vision_tower, "forward", "vision tower")
         self.wrap(inner.multi_modal_projector, "forward", "projector")
         self.wrap(inner, "pack_image_features", "packing")
-        if hasattr(inner, "pack_into"):  # a CLI that packs into a preallocated buffer
-            self.wrap(inner, "pack_into", "packing")
+        for method in ("pack_into", "pack_kept_into"):  # CLI packs into a preallocated buffer
+            if hasattr(inner, method):
+                self.wrap(inner, method, "packing")
         self.wrap(inner.language_model, "forward", "LLM (rest: masks, rope, norm)")
         for layer in inner.language_model.layers:
             self.wrap(layer, "forward", "decoder layers")
@@ -461,7 +497,7 @@ def count_image_tokens(dims: dict, image_size: tuple[int, int], base_view_only: 
     return crops, side * side + rows * (cols + 1)
 
 
-def flop_count(dims: dict, crops: int, image_tokens: int, seq_len: int, batch: int):
+def flop_count(dims: dict, crops: int, image_tokens: int, seq_len: int, batch: int, agf_form: str = "attention"):
     """
     Multiply-adds x 2 of one prefill (images encoded + prompt forward, last-token logits) for the native model, and
     what CLI adds, by component. `crops` / `image_tokens` are per sample; `seq_len` the prompt length per sample.
@@ -492,14 +528,14 @@ def flop_count(dims: dict, crops: int, image_tokens: int, seq_len: int, batch: i
     # K extra projector passes: the baseline keeps its own slot even when its layer is also an extraction layer
     amp_projector = k * crop_tokens * projector_pass
     amp_lora = k * crop_tokens * 2 * r * (dv + d)
-    # AGF per injection layer, as modeling_cli's CLISingleQueryAttention computes it (attention folded through the
-    # gate readout w: w . MHA(q; X) = sum_h softmax(X u_h) . (X z_h) + c): one (tokens, d) x (d, 2 h) matmul per
-    # attention, over the K feature sets (2 K N d 2h) and the context (2 B S d 2h); the folding itself, per call:
-    # W_q q, W_o^T w, u = W_k^T Q, z = W_v^T r, 4 x 2 d^2 per attention, two attentions; injection sum_k g_k V_k: 2 K N d.
-    # (The softmax-weighted sums are element-wise: not counted.)
+    # AGF per injection layer, as modeling_cli computes it (attention folded through the gate readout w:
+    # w . MHA(q; X) = sum_h softmax(X u_h) . (X z_h) + c): one (tokens, d) x (d, 2 h) matmul per attention, over the
+    # K feature sets (2 K N d 2h) and the context (2 B S d 2h); the attention form also folds its weights at every
+    # call: W_q q, W_o^T w, u = W_k^T Q, z = W_v^T r, 4 x 2 d^2 per attention, two attentions (the folded form stores
+    # u, z, c); injection sum_k g_k V_k: 2 K N d. (The softmax-weighted sums are element-wise: not counted.)
     agf_vision = j * (2 * k * n * d * 2 * agf_heads)
     agf_context = j * (2 * batch * s * d * 2 * agf_heads)
-    agf_small = j * (2 * 4 * 2 * d * d)
+    agf_small = j * (2 * 4 * 2 * d * d) if agf_form == "attention" else 0
     injection = j * 2 * k * n * d
     cli = dict(amp_projector=amp_projector, amp_lora=amp_lora, agf_vision=agf_vision, agf_context=agf_context,
                agf_small=agf_small, injection=injection)
@@ -507,27 +543,48 @@ def flop_count(dims: dict, crops: int, image_tokens: int, seq_len: int, batch: i
     return dict(native=native, cli_extra=cli, ratio=(native["total"] + cli["total"]) / native["total"])
 
 
-def real_parameter_ratio(dims: dict = REAL_7B) -> float:
-    """Parameters CLI adds / LLaVA-OV's, from the dimensions (AMP: K LoRAs; AGF: 2 x 4 d x d (+ bias) + 2 queries + gate)."""
-    dv, d, vocab = dims["vision_hidden"], dims["text_hidden"], dims["vocab"]
-    k = len(parse_layer_list(dims["extraction"], "vision_extraction_layers"))
-    j = len(parse_layer_list(dims["injection"], "llm_injection_layers"))
-    heads, kv, hd = dims["text_heads"], dims["kv_heads"], dims["text_hidden"] // dims["text_heads"]
-    patch = dims["patch_size"]
-    vision = dims["vision_layers"] * (4 * dv * dv + 4 * dv + 2 * dv * dims["vision_intermediate"] + dv
-                                      + dims["vision_intermediate"] + 4 * dv)
-    vision += 3 * patch * patch * dv + dv + (dims["image_size"] // patch) ** 2 * dv + 2 * dv
-    projector = dv * d + d + d * d + d + d  # + image_newline
-    text_layer = d * heads * hd + heads * hd + 2 * (d * kv * hd + kv * hd) + heads * hd * d + 3 * d * dims["text_intermediate"] + 2 * d
-    native = vision + projector + dims["text_layers"] * text_layer + 2 * vocab * d + d
-    added = k * dims["lora_rank"] * (dv + d) + j * (2 * 4 * (d * d + d) + 2 * d + 2 * d + k)
-    return added / native
-
-
 def memory_floor(dims: dict, image_tokens: int, batch: int, bytes_per_element: int) -> int:
     """Bytes CLI must hold beyond the native model through the LLM pass: the K AMP feature sets, (K, N, d)."""
     k = len(parse_layer_list(dims["extraction"], "vision_extraction_layers"))
     return k * batch * image_tokens * dims["text_hidden"] * bytes_per_element
+
+
+def kv_cache_bytes(dims: dict, tokens: int, batch: int, bytes_per_element: int) -> int:
+    """The KV cache at the end of generate(): keys and values of every layer for `tokens` positions per sample."""
+    head_dim = dims["text_hidden"] // dims["text_heads"]
+    return 2 * dims["text_layers"] * dims["kv_heads"] * head_dim * tokens * batch * bytes_per_element
+
+
+def measured_flops(model, inputs: dict) -> int:
+    """FLOPs of one prefill forward (last-token logits, as in generate), counted by torch's FlopCounterMode."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**model_inputs(inputs), use_cache=True, logits_to_keep=1)
+    return counter.get_total_flops()
+
+
+def real_7b_memory(result: dict, real_tokens: int, real_seq: int, new_tokens: int, real_counts: dict, names) -> dict:
+    """
+    Total inference memory at CLI-7B in bf16 for this case's prompt (`real_tokens` image tokens, `real_seq` prompt
+    tokens): weights + KV cache + what CLI holds beyond native, CLI / native. CLI's extra live bytes are this run's
+    measured excess over native scaled by the feature-set floor (`(peak_cli - peak_native) / floor` here, times the
+    floor at 7B); native's activation transients beyond the KV cache are left out of both sides, which can only make
+    the ratio larger (an upper bound).
+    """
+    bytes_per_element, batch = 2, result["batch_size"]
+    native_weights = real_counts["native"] * bytes_per_element
+    kv = kv_cache_bytes(REAL_7B, real_seq + new_tokens, batch, bytes_per_element)
+    floor = memory_floor(REAL_7B, real_tokens, batch, bytes_per_element)
+    out = dict(native_weights_bytes=native_weights, kv_cache_bytes=kv, floor_bytes=floor,
+               floor_ratio=(native_weights + kv + floor) / (native_weights + kv))
+    for name in names:
+        if name == "native":
+            continue
+        excess = (result[name]["peak_bytes_beyond_weights"] - result["native"]["peak_bytes_beyond_weights"])
+        excess_per_floor = excess / result["memory_floor_bytes"]
+        weights = real_counts[name]["total"] * bytes_per_element
+        out[name] = dict(weights_bytes=weights, excess_per_floor=excess_per_floor,
+                         total_ratio=(weights + kv + excess_per_floor * floor) / (native_weights + kv))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -600,12 +657,17 @@ def run_case(models: dict, scenario: dict, batch: int, args, dims: dict) -> dict
         result[name]["decode_s_per_token_runs"] = timings[name]["decode_s_per_token"]
         with models[name] as model:
             result[name]["peak_bytes_beyond_weights"] = peak_memory_beyond_start(model, inputs[name], args.new_tokens, device)
+            result[name]["weight_bytes"] = weight_bytes(model)
+            result[name]["total_memory_bytes"] = result[name]["weight_bytes"] + result[name]["peak_bytes_beyond_weights"]
+            result[name]["flops_measured"] = measured_flops(model, inputs[name])
     result["ratio"] = {
         name: {key: result[name][key] / result["native"][key]
-               for key in ("prefill_s", "decode_s_per_token", "peak_bytes_beyond_weights")}
+               for key in ("prefill_s", "decode_s_per_token", "peak_bytes_beyond_weights", "total_memory_bytes",
+                           "flops_measured")}
         for name in names if name != "native"
     }
     result["flops"] = flop_count(dims, crops, image_tokens, seq_len, batch)
+    result["flops_folded"] = flop_count(dims, crops, image_tokens, seq_len, batch, agf_form="folded")
     floor = memory_floor(dims, image_tokens, batch, torch.finfo(dtype).bits // 8)
     native_peak = result["native"]["peak_bytes_beyond_weights"]
     result["memory_floor_bytes"] = floor
@@ -641,7 +703,8 @@ def print_case(result: dict, names: list) -> None:
         if name != "native":
             ratio = result["ratio"][name]
             line += (f"  | x{ratio['prefill_s']:.3f} prefill, x{ratio['decode_s_per_token']:.3f} decode, "
-                     f"x{ratio['peak_bytes_beyond_weights']:.3f} peak")
+                     f"x{ratio['peak_bytes_beyond_weights']:.3f} peak, x{ratio['total_memory_bytes']:.4f} total memory, "
+                     f"x{ratio['flops_measured']:.4f} FLOPs (torch)")
             if "prefill_ratio_from_stages" in result:
                 line += f", x{result['prefill_ratio_from_stages'][name]:.3f} prefill from stages"
             if "decode_extra_aten_ops" in result:
@@ -668,8 +731,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-sizes", default="1,4", help="batch sizes of the --crops runs")
     parser.add_argument("--repeats", type=int, default=3, help="timed generate() calls per variant and case")
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per call (min = max)")
-    parser.add_argument("--variants", default="native,cli",
-                        help="'native' or 'native,cli' (the order of the interleaved runs starts here)")
+    parser.add_argument("--variants", default="native,cli,cli_folded",
+                        help="'native' first, then any of 'cli' (AGF's attention form) and 'cli_folded' (the same model "
+                             "after fold_agf()); the order of the interleaved runs starts here")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-stage prefill profile")
     parser.add_argument("--profile-repeats", type=int, default=3)
     parser.add_argument("--profile-batch-sizes", default="1", help="batch sizes that get the stage profile")
@@ -683,8 +747,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if args.variants[0] != "native" or not set(args.variants) <= {"native", "cli"} or len(set(args.variants)) != len(args.variants):
-        parser.error("--variants: 'native' or 'native,cli'")
+    if (args.variants[0] != "native" or not set(args.variants) <= {"native", "cli", "cli_folded"}
+            or len(set(args.variants)) != len(args.variants)):
+        parser.error("--variants: 'native', then any of 'cli', 'cli_folded' (each once)")
     args.profile_batch_sizes = {int(b) for b in args.profile_batch_sizes.split(",") if b.strip()}
     if args.tiny and args.new_tokens == parser.get_default("new_tokens"):
         args.new_tokens = 3
@@ -702,10 +767,10 @@ def main(argv=None) -> dict:
             raise SystemExit("--clock cpu is for --device cpu")
         CLOCK = time.thread_time if torch.get_num_threads() == 1 else time.process_time
     dims = TINY if args.tiny else BENCH
-    native, cli = build_models(dims, args.dtype, args.device, args.attn)
-    params = parameter_counts(native, cli)
-    available = {"native": Plain(native), "cli": Plain(cli)}
-    models = {name: available[name] for name in args.variants}
+    built = build_models(dims, args.dtype, args.device, args.attn)
+    models = {name: Plain(built[name]) for name in args.variants}
+    params = parameter_counts({name: built[name] for name in args.variants})
+    real_counts = real_parameter_counts()
     scenarios = []
     for crops in [int(c) for c in args.crops.split(",") if c.strip()]:
         for batch in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
@@ -716,9 +781,13 @@ def main(argv=None) -> dict:
     machine = machine_name(args.device)
     print(f"machine: {machine}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, {args.clock} clock, device={args.device}, "
           f"dtype={str(args.dtype).removeprefix('torch.')}, torch {torch.__version__}")
-    print(f"parameters: native {params['native'] / 1e6:.2f} M, CLI adds {params['added'] / 1e6:.3f} M "
-          f"(AMP {params['amp'] / 1e6:.3f} M, AGF {params['agf'] / 1e6:.3f} M) = x{1 + params['added_ratio']:.4f}; "
-          f"at CLI-7B size: x{1 + real_parameter_ratio():.4f}")
+    for label, counts in (("benchmark model", params), ("CLI-7B (meta device)", real_counts)):
+        added = ", ".join(
+            f"{name} adds {counts[name]['added'] / 1e6:.3f} M (AMP {counts[name]['amp'] / 1e6:.3f} M, AGF "
+            f"{counts[name]['agf'] / 1e6:.3f} M) = x{1 + counts[name]['added_ratio']:.5f}"
+            for name in args.variants if name in counts and name != "native"
+        )
+        print(f"parameters, {label}: native {counts['native'] / 1e6:.2f} M; {added}")
     results = []
     for scenario, batch in scenarios:
         result = run_case(models, scenario, batch, args, dims)
@@ -728,6 +797,13 @@ def main(argv=None) -> dict:
         real_seq = result["seq_len"] - result["image_tokens_per_sample"] + real_tokens
         result["flops_real_7b"] = flop_count(REAL_7B, real_crops, real_tokens, real_seq, batch)
         result["flops_real_7b"]["image_tokens_per_sample"] = real_tokens
+        result["flops_real_7b_folded"] = flop_count(REAL_7B, real_crops, real_tokens, real_seq, batch, agf_form="folded")
+        result["memory_real_7b"] = real_7b_memory(result, real_tokens, real_seq, args.new_tokens, real_counts,
+                                                  args.variants)
+        for name in args.variants[1:]:
+            memory = result["memory_real_7b"][name]
+            print(f"{'':>6}CLI-7B bf16, {name}: total inference memory x{memory['total_ratio']:.4f} "
+                  f"(floor x{result['memory_real_7b']['floor_ratio']:.4f}: the K feature sets of {real_tokens} image tokens)")
         results.append(result)
         print_case(result, args.variants)
         print(f"{'':>6}FLOPs: CLI adds {result['flops']['cli_extra']['total'] / 1e9:.2f} GFLOP to "
@@ -736,7 +812,7 @@ def main(argv=None) -> dict:
     report = dict(
         machine=machine, cpus=os.cpu_count(), device=args.device, dtype=str(args.dtype).removeprefix("torch."),
         threads=torch.get_num_threads(), clock=args.clock, torch=torch.__version__, new_tokens=args.new_tokens, repeats=args.repeats,
-        variants=args.variants, dims=dims, parameters=params, results=results,
+        variants=args.variants, dims=dims, parameters=params, parameters_real_7b=real_counts, results=results,
     )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -89,14 +89,16 @@ def parse_args(argv=None):
 
 
 def print_summary_7b():
-    summaries = {mode: tiny_cli.summary_7b(mode) for mode in ("cli", "cli+projector", "cli+llm", "all")}
-    try:
-        summaries["lora16+cli"] = tiny_cli.summary_7b(lora_rank=16)
-    except ImportError:  # peft is optional
-        pass
     print("CLI-7B (LLaVA-OneVision-Qwen2-7B + AMP on vision layers RANGE-1-28-4, AGF before LLM layers RANGE-1-28-4),")
-    print("trainable parameters per setting (computed on the meta device from the configuration alone):\n")
-    print(tiny_cli.format_summary_table(summaries))
+    print("trainable parameters per setting (computed on the meta device from the configuration alone)")
+    for form in ("attention", "folded"):
+        summaries = {mode: tiny_cli.summary_7b(mode, agf_form=form) for mode in ("cli", "cli+projector", "cli+llm", "all")}
+        try:
+            summaries["lora16+cli"] = tiny_cli.summary_7b(lora_rank=16, agf_form=form)
+        except ImportError:  # peft is optional
+            pass
+        print(f"\nagf_form={form!r}:\n")
+        print(tiny_cli.format_summary_table(summaries))
 
 
 def answer(model, processor, messages, images, max_new_tokens=8) -> str:

@@ -204,3 +204,49 @@ def env_with_repo() -> dict:
     env["HF_HUB_OFFLINE"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")])
     return env
+
+
+def variant(src: Path, folder: Path, config: dict | None = None, replace: dict | None = None) -> Path:
+    """
+    A copy of the source checkpoint `src` at `folder` for one hostile case: every file is linked from `src` except
+    config.json (given as `config`, a dict) and the files in `replace` ({name: dict (JSON) | str | bytes | None to
+    leave the file out}).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    replace = dict(replace or {})
+    if config is not None:
+        replace["config.json"] = config
+    for path in Path(src).iterdir():
+        if path.name not in replace:
+            (folder / path.name).symlink_to(path.resolve())
+    for name, content in replace.items():
+        if content is None:
+            continue
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, (dict, list)):
+            target.write_text(json.dumps(content, indent=2))
+        elif isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(content)
+    return folder
+
+
+def write_header_only_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16") -> None:
+    """
+    A safetensors file with a real header and a sparse (unwritten) data region: what the converter's planning reads
+    (headers only) at no disk cost, for checkpoints too large to build in a test (e.g. SigLIP-so400m's tower).
+    """
+    itemsize = {"BF16": 2, "F16": 2, "F32": 4}[dtype]
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape) * itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(blob).to_bytes(8, "little") + blob)
+        handle.truncate(8 + len(blob) + offset)

@@ -14,7 +14,7 @@ from transformers.utils import logging as hf_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_overhead.py"
-VARIANTS = ["native", "cli"]
+VARIANTS = ["native", "cli", "cli_folded"]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,18 @@ def test_report_header(report):
     for key in ("machine", "device", "dtype", "threads", "torch", "new_tokens", "repeats", "dims", "parameters"):
         assert key in report
     assert report["variants"] == VARIANTS
-    params = report["parameters"]
-    assert params["cli"] == params["native"] + params["added"]
-    assert params["added"] == params["amp"] + params["agf"] > 0
-    assert 0 < params["added_ratio"] < 1
+    for params in (report["parameters"], report["parameters_real_7b"]):
+        for name in ("cli", "cli_folded"):
+            assert params[name]["total"] == params["native"] + params[name]["added"]
+            assert params[name]["added"] == params[name]["amp"] + params[name]["agf"] > 0
+            assert 0 < params[name]["added_ratio"] < 1
+        assert params["cli_folded"]["amp"] == params["cli"]["amp"]
+        assert params["cli_folded"]["agf"] < params["cli"]["agf"] / 10  # the folded form holds a tiny fraction
+    # CLI-7B from its config alone: AGF's two d x d attentions per layer, or their folded vectors
+    real = report["parameters_real_7b"]
+    assert real["cli"]["agf"] == 7 * (2 * (4 * 3584 * 3584 + 6 * 3584) + 7)
+    assert real["cli_folded"]["agf"] == 7 * (2 * (2 * 3584 * 28 + 1) + 7)
+    assert real["cli_folded"]["added_ratio"] < 0.0005 < 0.08 < real["cli"]["added_ratio"]
 
 
 def test_every_case_has_sane_figures(report):
@@ -72,7 +80,19 @@ def test_every_case_has_sane_figures(report):
             for key in ("prefill_s", "decode_s_per_token", "peak_bytes_beyond_weights"):
                 assert positive(figures[key]), (result["scenario"], name, key, figures[key])
             assert len(figures["prefill_s_runs"]) == report["repeats"]
-        assert all(positive(v) for v in result["ratio"]["cli"].values())
+        for name in VARIANTS[1:]:
+            assert all(positive(v) for v in result["ratio"][name].values())
+            figures = result[name]
+            assert figures["total_memory_bytes"] == figures["weight_bytes"] + figures["peak_bytes_beyond_weights"]
+            assert positive(figures["flops_measured"])
+            # torch's FLOP counter and the hand-written FLOP model agree on what CLI adds (within 10 %: the counter
+            # also sees small matmuls the model leaves out, e.g. the attention form's per-call fold)
+            model = result["flops" if name == "cli" else "flops_folded"]
+            measured_extra = figures["flops_measured"] - result["native"]["flops_measured"]
+            assert measured_extra == pytest.approx(model["cli_extra"]["total"], rel=0.1), name
+        assert result["cli_folded"]["weight_bytes"] < result["cli"]["weight_bytes"]
+        memory = result["memory_real_7b"]
+        assert memory["floor_ratio"] > 1 and memory["cli_folded"]["total_ratio"] < memory["cli"]["total_ratio"]
         assert "cli_proposed_max_abs_logit_diff" not in result
 
 
@@ -117,14 +137,17 @@ def test_stage_profile_at_batch_one(report):
             assert stages[stage]["cli"] > 0, stage
         assert stages["AMP LoRA"]["native"] == 0 < stages["AMP LoRA"]["cli"]
         assert positive(result["prefill_ratio_from_stages"]["cli"])
-        assert result["decode_extra_aten_ops"] == {"cli": {}}  # decode runs the native ops only
+        assert positive(result["prefill_ratio_from_stages"]["cli_folded"])
+        assert stages["AGF (gates + injection)"]["cli_folded"] > 0
+        assert result["decode_extra_aten_ops"] == {"cli": {}, "cli_folded": {}}  # decode runs the native ops only
 
 
-def test_only_native_and_cli_variants():
+def test_variants_are_native_then_cli_forms():
     spec = importlib.util.spec_from_file_location("bench_overhead_args", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.parse_args(["--variants", "native,cli"]).variants == VARIANTS
+    assert module.parse_args(["--variants", "native,cli,cli_folded"]).variants == VARIANTS
+    assert module.parse_args(["--variants", "native,cli_folded"]).variants == ["native", "cli_folded"]
     for bad in ("native,cli,cli_proposed", "cli", "native,cli,cli"):
         with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
             module.parse_args(["--variants", bad])

@@ -23,6 +23,7 @@ from _helpers_convert import (
     tiny_source_model,
     vision_config_arg,
 )
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_cli import build_tiny_tokenizer
@@ -104,9 +105,9 @@ def test_fork_fp32_single_file_matches_native(fork_fp32, untied, tmp_path):
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == SOURCE_TOKENIZER.convert_tokens_to_ids("<|im_end|>")
     assert generation["pad_token_id"] == SOURCE_TOKENIZER.convert_tokens_to_ids("<|endoftext|>")
-    card = (out / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n")
-    assert "- custom_code" in card and "trust_remote_code=True" in card and "[1, 3, 5]" in card
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert "custom_code" in card.data.tags and "trust_remote_code=True" in card.text and "[1, 3, 5]" in card.text
 
     # identity initialisation: gates and LoRA B exactly zero
     weights = read_weights(out)
@@ -479,10 +480,13 @@ def test_hub_input_and_push_to_hub_calls(fork_fp32, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    # the up-front check (offline mode, login) is tested in test_convert_hostile.py; here the Hub is reachable
+    monkeypatch.setattr(convert_checkpoint, "check_hub_push", lambda repo: calls.append(("check", repo)))
     out = tmp_path / "cli"
     assert run("--input", "someone/cli-tiny-fork", "--output", out, "--init-cli", "--vision-config",
                vision_config_arg(), "--push-to-hub", "me/cli-tiny", "--private") == 0
-    assert calls[0][:2] == ("download", "someone/cli-tiny-fork")
-    assert not any(pattern.endswith((".bin", ".pt", ".pth")) for pattern in calls[0][2])
-    assert calls[1:] == [("create_repo", "me/cli-tiny", True, True), ("upload_folder", "me/cli-tiny", "cli")]
+    assert calls[0] == ("check", "me/cli-tiny")  # before anything is downloaded or converted
+    assert calls[1][:2] == ("download", "someone/cli-tiny-fork")
+    assert not any(pattern.endswith((".bin", ".pt", ".pth")) for pattern in calls[1][2])
+    assert calls[2:] == [("create_repo", "me/cli-tiny", True, True), ("upload_folder", "me/cli-tiny", "cli")]
     assert "base_model: someone/cli-tiny-fork" in (out / "README.md").read_text()

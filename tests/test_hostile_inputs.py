@@ -201,6 +201,27 @@ def test_image_download_limits_come_from_the_environment(monkeypatch):
         monkeypatch.delenv(name)
 
 
+# ---- local paths can be switched off (servers) ------------------------------------------------------------------------
+
+
+def test_local_image_paths_can_be_refused_without_revealing_whether_they_exist(tmp_path, monkeypatch):
+    existing = tmp_path / "secret.png"
+    noise_image().save(existing)
+    assert processing_cli.load_cli_image(str(existing)).size == (56, 40)  # the default: library users pass paths
+    monkeypatch.setenv("CLI_IMAGE_LOCAL_PATHS", "0")
+    messages = []
+    for source in (str(existing), str(tmp_path / "missing.png"), existing):
+        with pytest.raises(ValueError, match=r"local file paths are not read here: CLI_IMAGE_LOCAL_PATHS=0") as error:
+            processing_cli.load_cli_image(source)
+        messages.append(str(error.value).replace(str(existing), "P").replace(str(tmp_path / "missing.png"), "P"))
+    assert messages[0] == messages[1]  # an existing and a missing file get the same answer: no probing
+    data_url = "data:image/png;base64," + __import__("base64").b64encode(png_bytes(noise_image())).decode()
+    assert processing_cli.load_cli_image(data_url).size == (56, 40)  # base64 still works
+    monkeypatch.setenv("CLI_IMAGE_LOCAL_PATHS", "maybe")
+    with pytest.raises(ValueError, match="CLI_IMAGE_LOCAL_PATHS must be 0 or 1, got 'maybe'"):
+        processing_cli.load_cli_image(str(existing))
+
+
 # ---- float images already in [0, 1] -------------------------------------------------------------------------------------
 
 

@@ -322,3 +322,27 @@ def test_video_inputs_are_refused_clearly(models):
     cli, _ = models
     with pytest.raises(ValueError, match="video"):
         cli(input_ids=torch.tensor([[1, 2]]), pixel_values_videos=torch.zeros(1, 1, 3, IMAGE_SIZE, IMAGE_SIZE))
+
+
+def test_only_the_tokens_that_survive_unpadding_are_projected(trained_models):
+    """The projector and AMP act per token, so the letterbox padding that unpadding drops is never projected."""
+    from processing_cli import unpadded_grid_shape
+    from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
+
+    cli, native = trained_models
+    size = (50, 90)  # a wide image: its grid of crops has padding rows
+    inputs = single_image_inputs(native, size)
+    seen = []
+    handle = cli.model.multi_modal_projector.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            features = cli.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+    finally:
+        handle.remove()
+    side = IMAGE_SIZE // 7
+    grid_height, grid_width = get_anyres_image_grid_shape(size, PINPOINTS, IMAGE_SIZE)
+    kept_height, kept_width = unpadded_grid_shape(*size, grid_height * side, grid_width * side)
+    assert kept_height * kept_width < grid_height * grid_width * side * side  # there is padding to skip
+    assert features.pooler_output[0].shape[0] == side * side + kept_height * (kept_width + 1)
+    # the baseline and every AMP slot project the base view and the kept grid, nothing else
+    assert seen == [side * side + kept_height * kept_width] * (1 + len(cli.config.vision_extraction_layers))

@@ -126,4 +126,7 @@ def test_cli_7b_trainable_summary_from_the_config_alone():
     assert summary["projector"][1] == dv * d + d + d * d + d + d  # mlp2x_gelu + image_newline
     table = tiny_cli.format_summary_table({"cli": summary, "all": tiny_cli.summary_7b("all")})
     assert "agf" in table and "% trainable" in table
+    folded = tiny_cli.summary_7b("cli", agf_form="folded")
+    assert folded["agf"] == (j * (2 * (2 * d * 28 + 1) + k),) * 2  # score + value vectors per head, a constant
+    assert folded["amp"] == summary["amp"] and folded["llm"] == summary["llm"]
     print(table)

@@ -6,7 +6,6 @@ modules (save, reload, merge), and the shipped shapes model.
 
 import json
 import os
-import random
 import subprocess
 import sys
 import textwrap
