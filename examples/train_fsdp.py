@@ -68,7 +68,9 @@ def positive_int(text: str) -> int:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--data", help="JSONL of {'messages', 'images'} samples (default: generated shapes examples)")
     parser.add_argument("--model", help="CLI model folder (default: a tiny random CLI model built offline)")
     parser.add_argument("--output", help="where to save the trained model (default: examples/_cache/trained_fsdp)")

@@ -57,48 +57,6 @@ def test_no_split_modules_of_the_remote_code_class(tmp_path):
         assert get_module_class_from_name(model, name) is not None, name
 
 
-def test_save_cli_folder_refuses_an_fsdp2_model_and_saves_its_unsharded_twin(tmp_path):
-    """
-    `fully_shard` turns the model's class into torch's `FSDPCLIForConditionalGeneration`, which `save_pretrained` would
-    record as remote code (torch's `_fsdp_*.py` files in the folder, `auto_map` naming them). save_cli_folder refuses
-    such a model and writes nothing; `unsharded_model` of the gathered state dict saves the usual folder, weights bit
-    for bit. (A world of one gloo process, in this process.)
-    """
-    import json
-
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from training_cli import save_cli_folder, unsharded_model
-
-    sys.path.insert(0, EXAMPLES)
-    from train_fsdp import shard_model
-
-    model, processor = build_tiny_cli(agf_form="folded")
-    plain_folder = save_cli_folder(model, processor, tmp_path / "plain")
-    expected = {key: value.clone() for key, value in model.state_dict().items()}
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        shard_model(model, init_device_mesh("cpu", (1,)))
-        assert type(model).__name__ == "FSDPCLIForConditionalGeneration"
-        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        with pytest.raises(ValueError, match="sharded by FSDP2"):  # even with the gathered weights
-            save_cli_folder(model, processor, tmp_path / "sharded", state_dict=state_dict)
-        assert not (tmp_path / "sharded").exists()
-        folder = save_cli_folder(unsharded_model(model, state_dict), processor, tmp_path / "unsharded")
-    finally:
-        dist.destroy_process_group()
-    assert sorted(os.listdir(folder)) == sorted(os.listdir(plain_folder))
-    with open(os.path.join(folder, "config.json")) as f:
-        assert set(json.load(f)["auto_map"].values()) == {
-            "configuration_cli.CLIConfig", "modeling_cli.CLIForConditionalGeneration"
-        }
-    weights = read_weights(folder)
-    assert weights.keys() == read_weights(plain_folder).keys()
-    for key, value in weights.items():
-        assert torch.equal(value, expected[key]), key
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Where parameters are read (DeepSpeed ZeRO-3 gathers a module's own parameters for that module's forward)
 # ----------------------------------------------------------------------------------------------------------------------
@@ -289,6 +247,12 @@ def assert_curves_match(curve, reference, rel=1e-5):
             assert entry[key] == pytest.approx(expected[key], rel=rel), (key, entry, expected)
 
 
+def build_tiny_cli_checkpoint_in(folder, **overrides):
+    from tiny_cli import build_tiny_cli_checkpoint
+
+    return build_tiny_cli_checkpoint(folder, seed=0, **overrides)
+
+
 def test_finetune_under_torchrun_matches_one_process(tmp_path, shapes_jsonl):
     """
     examples/finetune.py (the Trainer) on 2 gloo processes (DDP), 2 samples per process and micro-step, 2 accumulation
@@ -315,12 +279,6 @@ def test_finetune_under_torchrun_matches_one_process(tmp_path, shapes_jsonl):
         if ".amp." not in key and ".agf." not in key:  # the frozen base stays bit for bit
             assert torch.equal(weights[key], start[key]), key
     assert max((expected[key] - start[key]).abs().max() for key in expected) > 1e-4  # training moved the CLI weights
-
-
-def build_tiny_cli_checkpoint_in(folder, **overrides):
-    from tiny_cli import build_tiny_cli_checkpoint
-
-    return build_tiny_cli_checkpoint(folder, seed=0, **overrides)
 
 
 def reference_steps(base, data, steps, global_batch, lr, seed=0, max_grad_norm=1.0):
@@ -477,3 +435,50 @@ def test_accelerate_fsdp2_config_on_cpu_processes_trains_with_ddp(tmp_path, shap
             "use_fsdp": "true", "fsdp_version": "2", "distributed_type": "DistributedType.MULTI_CPU",
             "fsdp_enabled": False, "wrapped": "DistributedDataParallel", "backend": "gloo", "world_size": 2,
         }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Saving an FSDP2-sharded model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_save_cli_folder_refuses_an_fsdp2_model_and_saves_its_unsharded_twin(tmp_path):
+    """
+    `fully_shard` turns the model's class into torch's `FSDPCLIForConditionalGeneration`, which `save_pretrained` would
+    record as remote code (torch's `_fsdp_*.py` files in the folder, `auto_map` naming them). save_cli_folder refuses
+    such a model and writes nothing; `unsharded_model` of the gathered state dict saves the usual folder, weights bit
+    for bit. (A world of one gloo process, in this process.)
+    """
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from training_cli import save_cli_folder, unsharded_model
+
+    sys.path.insert(0, EXAMPLES)
+    from train_fsdp import shard_model
+
+    model, processor = build_tiny_cli(agf_form="folded")
+    plain_folder = save_cli_folder(model, processor, tmp_path / "plain")
+    expected = {key: value.clone() for key, value in model.state_dict().items()}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        shard_model(model, init_device_mesh("cpu", (1,)))
+        assert type(model).__name__ == "FSDPCLIForConditionalGeneration"
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        with pytest.raises(ValueError, match="sharded by FSDP2"):  # even with the gathered weights
+            save_cli_folder(model, processor, tmp_path / "sharded", state_dict=state_dict)
+        assert not (tmp_path / "sharded").exists()
+        folder = save_cli_folder(unsharded_model(model, state_dict), processor, tmp_path / "unsharded")
+    finally:
+        dist.destroy_process_group()
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(plain_folder))
+    with open(os.path.join(folder, "config.json")) as f:
+        assert set(json.load(f)["auto_map"].values()) == {
+            "configuration_cli.CLIConfig", "modeling_cli.CLIForConditionalGeneration"
+        }
+    weights = read_weights(folder)
+    assert weights.keys() == read_weights(plain_folder).keys()
+    for key, value in weights.items():
+        assert torch.equal(value, expected[key]), key
