@@ -380,6 +380,15 @@ class CLIPreTrainedModel(_SwitchableAttention, LlavaOnevisionPreTrainedModel):
     input_modalities = ("image", "text")
     _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer", "CLIAdaptiveGatingFusion"]
 
+    def post_init(self):
+        # `post_init` adds the sub-models' `_no_split_modules` to this model's, SigLIP's included, which names classes a
+        # LLaVA-OneVision vision tower does not hold (`SiglipTextEmbeddings`, `SiglipMultiheadAttentionPoolingHead`).
+        # FSDP wrap policies (accelerate's "Could not find the transformer layer class") refuse a name no module has,
+        # so only the classes present stay.
+        super().post_init()
+        present = {type(module).__name__ for module in self.modules()}
+        self._no_split_modules = {name for name in self._no_split_modules if name in present}
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)

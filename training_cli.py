@@ -10,7 +10,8 @@ and helpers for the Trainer.
 - [`cli_peft_config`]: a `peft.LoraConfig` with LoRA on the language model's decoder projections and AMP + AGF as
   fully trained extra modules (`modules_to_save`); saves, reloads and merges.
 - [`trainable_summary`]: trainable / total parameters per group (vision tower, projector, AMP, AGF, LLM, LoRA).
-- [`save_cli_folder`] / [`refresh_saved_folder`]: a self-contained remote-code folder of a trained model.
+- [`save_cli_folder`] / [`refresh_saved_folder`]: a self-contained remote-code folder of a trained model
+  ([`unsharded_model`] first for an FSDP2-sharded one).
 
 The tiny offline models and tokenizer, and CLI-7B's parameter tables, are in `tiny_cli.py`.
 """
@@ -499,6 +500,41 @@ def training_arguments(output_dir, **overrides):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def is_fsdp_sharded(model) -> bool:
+    """True for a model sharded in place by FSDP2's `fully_shard` (directly, by accelerate or by the Trainer)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def unsharded_model(model, state_dict: dict[str, torch.Tensor]):
+    """
+    A plain model of the class FSDP2 wrapped (`fully_shard` turns `model.__class__` into a torch subclass) holding
+    `state_dict`, the full state dict gathered from the sharded `model` (every process calls
+    `torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+    cpu_offload=True))`, or `trainer.accelerator.get_state_dict(trainer.model)`; process 0 receives it). Built on the
+    meta device and given the gathered tensors themselves, so the weights are not copied; the generation config is
+    `model`'s. Save it with [`save_cli_folder`].
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    model_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+    with torch.device("meta"):
+        plain = model_class(model.config)
+    missing, unexpected = plain.load_state_dict(state_dict, strict=False, assign=True)
+    untied = set(missing) - set(getattr(plain, "all_tied_weights_keys", None) or {})
+    if untied or unexpected:
+        raise ValueError(
+            f"unsharded_model: the state dict does not fit {model_class.__name__}: missing {sorted(untied)[:8]}, "
+            f"unexpected {sorted(unexpected)[:8]}; pass the full state dict gathered from the sharded model."
+        )
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain
+
+
 def save_cli_folder(model, processor, folder: str | os.PathLike, **save_kwargs) -> str:
     """
     Saves model and processor as a self-contained remote-code folder (weights, config with `auto_map`,
@@ -506,7 +542,19 @@ def save_cli_folder(model, processor, folder: str | os.PathLike, **save_kwargs) 
 
     The folder is then tidied ([`tidy_saved_folder`]): the tokenizer files carry no loader or call state
     (`is_local`, `local_files_only`, ...) and the weights get the permissions of the folder's other files.
+
+    An FSDP2-sharded model is refused: `save_pretrained` would record torch's wrapper class as the model's remote code
+    (its `_fsdp_*.py` files copied, `auto_map` naming `_fsdp_init.FSDPCLIForConditionalGeneration`). Save
+    [`unsharded_model`] of it instead.
     """
+    if is_fsdp_sharded(model):
+        raise ValueError(
+            f"save_cli_folder: {type(model).__name__} is sharded by FSDP2, and its class is torch's wrapper, which "
+            "save_pretrained would write into the folder as remote code. Gather the full state dict on every process "
+            "(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) or "
+            "trainer.accelerator.get_state_dict(model)) and save training_cli.unsharded_model(model, state_dict) "
+            "on process 0."
+        )
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder, **save_kwargs)
@@ -630,6 +678,7 @@ __all__ = [
     "cli_peft_config",
     "copy_remote_code",
     "format_loss_curve",
+    "is_fsdp_sharded",
     "load_chat_jsonl",
     "load_processor",
     "loss_curve",
@@ -640,4 +689,5 @@ __all__ = [
     "tidy_saved_folder",
     "trainable_summary",
     "training_arguments",
+    "unsharded_model",
 ]

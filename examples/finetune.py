@@ -7,6 +7,7 @@ Fine-tune a CLI model with transformers' Trainer on a JSONL of chat samples with
     python examples/finetune.py --data train.jsonl --model PATH --output DIR --trainable cli --epochs 3 --lr 1e-4
     python examples/finetune.py --data train.jsonl --model PATH --output DIR --lora 16   # LoRA on the LLM + AMP/AGF
     python examples/finetune.py --recipe shapes      # train the tiny shapes model from scratch (examples/shapes/model)
+    torchrun --nproc_per_node 2 examples/finetune.py --batch-size 4   # DDP: 2 processes x 4 = the demo's global batch 8
     python examples/finetune.py --summary-7b         # CLI-7B trainable-parameter table (meta device, no weights)
 
 Data: one JSON object per line, `{"messages": [...], "images": ["relative/or/absolute.png", ...]}` where `messages`
@@ -23,6 +24,7 @@ the next image of `images`. Only the assistant replies are trained on. Bad lines
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -82,6 +84,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-examples", type=int, default=32, help="generated examples for the offline demo")
     parser.add_argument("--recipe", choices=["shapes"], help="train the tiny shapes model from scratch")
     parser.add_argument("--summary-7b", action="store_true", help="print CLI-7B's trainable-parameter table and exit")
+    parser.add_argument("--loss-log", help="also write the loss curve here as JSON ([{step, loss, grad_norm}, ...])")
     return parser.parse_args(argv)
 
 
@@ -130,14 +133,16 @@ def _finetune(args, work):
 
     demo = args.model is None
     output = args.output or os.path.join(HERE, "_cache", "finetuned")
+    # under torchrun every process runs this; process 0 alone prints and saves
+    print_main = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *_, **__: None)
     if args.model is None:
         args.model = tiny_cli.build_tiny_cli_checkpoint(os.path.join(work, "tiny-cli-base"), seed=args.seed)
-        print(f"built a tiny random CLI model (temporary, removed at the end): {args.model}")
+        print_main(f"built a tiny random CLI model (temporary, removed at the end): {args.model}")
     if args.data is None:
         from shapes_data import write_jsonl
 
         args.data = write_jsonl(os.path.join(work, "data"), args.num_examples, seed=args.seed)
-        print(f"generated {args.num_examples} shapes examples (temporary): {args.data}")
+        print_main(f"generated {args.num_examples} shapes examples (temporary): {args.data}")
     epochs = args.epochs if args.epochs is not None else (4 if demo else 3)
     lr = args.lr if args.lr is not None else (1e-2 if demo else 1e-4)
     batch_size = args.batch_size or (8 if demo else 4)
@@ -151,11 +156,11 @@ def _finetune(args, work):
 
         model.set_trainable("cli", verbose=False)  # freeze all; PEFT then unfreezes LoRA + AMP/AGF copies
         model = get_peft_model(model, training_cli.cli_peft_config(model, r=args.lora, lora_alpha=2 * args.lora))
-        print(f"PEFT: LoRA r={args.lora} on the LLM decoder projections + AMP/AGF (modules_to_save)")
+        print_main(f"PEFT: LoRA r={args.lora} on the LLM decoder projections + AMP/AGF (modules_to_save)")
     else:
         model.set_trainable(args.trainable, verbose=False)
-        print(f"--trainable {args.trainable}")
-    print(training_cli.format_parameter_summary(training_cli.trainable_summary(model)) + "\n")
+        print_main(f"--trainable {args.trainable}")
+    print_main(training_cli.format_parameter_summary(training_cli.trainable_summary(model)) + "\n")
 
     collator = training_cli.CLIDataCollator(processor, max_length=args.max_length, truncation=args.truncation)
     trainer = Trainer(
@@ -174,15 +179,30 @@ def _finetune(args, work):
         train_dataset=dataset,
         data_collator=collator,
     )
-    training_cli.quiet_trainer(trainer)
-    print("loss curve:")
+    if args.lora and trainer.is_fsdp_enabled:
+        raise ValueError("--lora is not supported with FSDP in this example; train with DDP (torchrun) instead.")
+    training_cli.quiet_trainer(trainer, print_fn=print_main)
+    world_size = trainer.args.world_size
+    print_main(f"global batch {batch_size * args.grad_accum * world_size} = {batch_size} per device x "
+               f"{args.grad_accum} accumulation steps x {world_size} process(es)\nloss curve:")
     start = time.time()
     trainer.train()
     curve = training_cli.loss_curve(trainer)
-    print(f"trained {trainer.state.global_step} steps in {time.time() - start:.1f}s: loss {curve[0][1]:.4f} -> {curve[-1][1]:.4f}")
+    print_main(f"trained {trainer.state.global_step} steps in {time.time() - start:.1f}s: loss {curve[0][1]:.4f} -> {curve[-1][1]:.4f}")
+    # under FSDP (accelerate launch with an FSDP config: accelerators only) the weights are sharded: every process
+    # takes part in gathering them, process 0 saves them
+    full_state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    if not trainer.is_world_process_zero():
+        return None
+    if args.loss_log:
+        with open(args.loss_log, "w") as f:
+            json.dump([{key: entry[key] for key in ("step", "loss", "grad_norm") if key in entry}
+                       for entry in trainer.state.log_history if "loss" in entry], f)
 
     if args.lora:
         model = model.merge_and_unload()
+    if full_state_dict is not None:
+        model = training_cli.unsharded_model(trainer.model, full_state_dict)
     model.eval()
     training_cli.save_cli_folder(model, processor, output)
     print(f"\nsaved the fine-tuned model and processor to {output}")
