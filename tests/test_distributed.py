@@ -404,11 +404,14 @@ trainer = Trainer(
 )
 trainer.train()
 state = trainer.accelerator.state
-print("PROBE " + json.dumps({
+report = {
     "use_fsdp": os.environ.get("ACCELERATE_USE_FSDP"), "fsdp_version": os.environ.get("FSDP_VERSION"),
     "distributed_type": str(state.distributed_type), "fsdp_enabled": trainer.is_fsdp_enabled,
     "wrapped": type(trainer.model_wrapped).__name__, "backend": state.backend, "world_size": trainer.args.world_size,
-}), flush=True)
+}
+# one file per process: the two processes' stdout lines can interleave
+with open(os.path.join(run, f"probe-{trainer.args.process_index}.json"), "w") as handle:
+    json.dump(report, handle)
 """
 
 
@@ -428,7 +431,7 @@ def test_accelerate_fsdp2_config_on_cpu_processes_trains_with_ddp(tmp_path, shap
         "--num_processes", 2, "--main_process_ip", "127.0.0.1", "--main_process_port", free_port(), probe, base,
         shapes_jsonl, tmp_path / "run", env={"HF_MODULES_CACHE": str(tmp_path / "modules")},
     )
-    reports = [json.loads(line.split(" ", 1)[1]) for line in stdout.splitlines() if line.startswith("PROBE ")]
+    reports = [json.loads((tmp_path / "run" / f"probe-{rank}.json").read_text()) for rank in (0, 1)]
     assert len(reports) == 2, stdout
     for report in reports:
         assert report == {
