@@ -80,7 +80,8 @@ def test_auto_map_names_every_auto_class():
     "overrides, message",
     [
         ({"vision_extraction_layers": [1, 6]}, r"vision_extraction_layers.*out-of-range.*\[6\].*0\.\.5"),
-        ({"vision_extraction_layers": [-1]}, r"vision_extraction_layers.*out-of-range.*0\.\.5"),
+        ({"vision_extraction_layers": [-7]}, r"vision_extraction_layers.*out-of-range.*\[-7\].*0\.\.5.*-6\.\.-1"),
+        ({"llm_injection_layers": [-1, 5]}, r"llm_injection_layers.*more than once.*\[5\]"),
         ({"llm_injection_layers": [6]}, r"llm_injection_layers.*out-of-range.*0\.\.5"),
         ({"llm_injection_layers": [1, 1]}, r"llm_injection_layers.*more than once.*\[1\]"),
         ({"vision_extraction_layers": []}, r"vision_extraction_layers.*at least one"),
@@ -96,3 +97,111 @@ def test_auto_map_names_every_auto_class():
 def test_invalid_values_name_the_field_and_the_allowed_range(overrides, message):
     with pytest.raises(ValueError, match=message):
         make(**overrides)
+
+
+def test_negative_layer_indices_count_from_the_end_and_are_stored_normalised(tmp_path):
+    config = make(vision_extraction_layers=[1, -1], llm_injection_layers="-2,0", vision_feature_layer=-2)
+    assert config.vision_extraction_layers == [1, 5]  # hidden_states 0..5: -1 is the last layer's output
+    assert config.llm_injection_layers == [4, 0]  # decoder layers 0..5
+    assert config.vision_feature_layer == -2  # LLaVA-OneVision's own field keeps its Python-style value
+    config.save_pretrained(tmp_path)
+    assert CLIConfig.from_pretrained(tmp_path).vision_extraction_layers == [1, 5]
+
+
+def test_wrong_types_raise_value_error_naming_the_field():
+    # huggingface_hub's strict dataclasses raise their own exception type, which `except ValueError` would miss
+    for overrides, message in [
+        ({"vision_extraction_layers": [1.5]}, r"`vision_extraction_layers`=\[1\.5\] has the wrong type; allowed: a list"),
+        ({"llm_injection_layers": ["1"]}, r"`llm_injection_layers`=\['1'\] has the wrong type"),
+        ({"amp_lora_rank": "4"}, r"`amp_lora_rank`='4' has the wrong type; allowed: an int >= 1"),
+        ({"agf_form": 3}, r"`agf_form`=3 has the wrong type"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            make(**overrides)
+    kwargs = tiny_config_kwargs()
+    kwargs["text_config"]["num_hidden_layers"] = "3"
+    with pytest.raises(ValueError, match=r"`text_config\.num_hidden_layers`='3' has the wrong type; allowed: int"):
+        CLIConfig(**kwargs)
+    kwargs = tiny_config_kwargs()
+    kwargs["vision_config"]["hidden_size"] = 1.5
+    with pytest.raises(ValueError, match=r"`vision_config\.hidden_size`=1\.5 has the wrong type"):
+        CLIConfig(**kwargs)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf"), 1e308, -1.0])
+def test_lora_alpha_must_be_finite_and_bounded(alpha):
+    with pytest.raises(ValueError, match=r"amp_lora_alpha.*finite number > 0 and <= 1e\+06"):
+        make(amp_lora_alpha=alpha)
+
+
+def test_vision_feature_layer_is_range_checked():
+    with pytest.raises(ValueError, match=r"vision_feature_layer.*\[99\].*0\.\.5"):
+        make(vision_feature_layer=99)  # used to become 99 % 6 silently
+    with pytest.raises(ValueError, match=r"vision_feature_layer.*\[-7\]"):
+        make(vision_feature_layer=-7)
+
+
+@pytest.mark.parametrize(
+    "part, field, value, maximum",
+    [
+        ("text_config", "num_hidden_layers", 10**7, "1024"),
+        ("text_config", "hidden_size", 10**30, "65536"),
+        ("text_config", "vocab_size", 10**30, "16777216"),
+        ("vision_config", "num_hidden_layers", 10**7, "1024"),
+        ("vision_config", "hidden_size", 0, "65536"),
+    ],
+)
+def test_sizes_are_bounded_before_anything_is_built(part, field, value, maximum):
+    kwargs = tiny_config_kwargs()
+    kwargs[part][field] = value
+    with pytest.raises(ValueError, match=rf"`{part}\.{field}`={value} is out of range; allowed: 1\.\.{maximum}\."):
+        CLIConfig(**kwargs)
+
+
+def test_huge_layer_lists_and_pinpoints_fail_fast_with_short_messages():
+    with pytest.raises(ValueError, match=r"selects 300000000 layers; at most 1024") as error:
+        make(vision_extraction_layers="RANGE-0-300000000-1")
+    with pytest.raises(ValueError, match=r"lists 5000 layers; at most 1024"):
+        make(llm_injection_layers=list(range(5000)))
+    with pytest.raises(ValueError, match=r"out-of-range indices \[6, 7, 8, 9, 10, \.\.\. \(994 in all\)\]") as error:
+        make(llm_injection_layers=list(range(1000)))
+    assert len(str(error.value)) < 300
+    with pytest.raises(ValueError, match=r"image_grid_pinpoints.*\[20000, 20000\].*at most 64 crops"):
+        make(image_grid_pinpoints=[[28, 28], [20000, 20000]])
+    with pytest.raises(ValueError, match=r"image_grid_pinpoints.*multiples of the crop size 28"):
+        make(image_grid_pinpoints=[[30, 28]])
+    with pytest.raises(ValueError, match=r"amp_lora_rank.*at most the smaller width 48.*1000000000"):
+        make(amp_lora_rank=10**9)
+
+
+def test_vision_aspect_ratio_must_be_anyres_max_n():
+    assert make(vision_aspect_ratio="anyres_max_4").vision_aspect_ratio == "anyres_max_4"
+    for value in ("anyres", "pad", "anyres_max_0", "anyres_max_x"):
+        with pytest.raises(ValueError, match=r"vision_aspect_ratio.*'anyres_max_N'"):
+            make(vision_aspect_ratio=value)
+
+
+def test_agf_form_is_validated_and_round_trips(tmp_path):
+    assert make().agf_form == "attention"
+    make(agf_form="folded").save_pretrained(tmp_path)
+    assert CLIConfig.from_pretrained(tmp_path).agf_form == "folded"
+    with pytest.raises(ValueError, match=r"agf_form.*\('attention', 'folded'\).*'fold'"):
+        make(agf_form="fold")
+
+
+@pytest.mark.parametrize("missing", ["text_config", "vision_config"])
+def test_a_saved_cli_config_without_a_tower_config_is_refused(tmp_path, missing):
+    make().save_pretrained(tmp_path)
+    on_disk = json.loads((tmp_path / "config.json").read_text())
+    del on_disk[missing]
+    (tmp_path / "config.json").write_text(json.dumps(on_disk))
+    with pytest.raises(ValueError, match=rf"no `{missing}`"):
+        CLIConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"no `{missing}`"):
+        CLIConfig.from_dict(on_disk)
+
+
+def test_default_config_still_builds():
+    config = CLIConfig()  # transformers' own config tests build it with no arguments
+    assert config.text_config.num_hidden_layers == 32 and config.vision_config.num_hidden_layers == 26
+    assert CLIConfig.from_dict(config.to_dict()).llm_injection_layers == config.llm_injection_layers
