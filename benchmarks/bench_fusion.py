@@ -603,7 +603,7 @@ def run_arm(job: dict) -> dict:
     rng = random.Random(settings["data_seed_offset"] + seed)
     curve, running, checkpoints = [], [], []
     model.train()
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     for step in range(steps):
         examples = [make_example(rng, KINDS[(step * batch_size + i) % len(KINDS)]) for i in range(batch_size)]
         loss = model(**encoder(examples)).loss
@@ -616,9 +616,12 @@ def run_arm(job: dict) -> dict:
         if (step + 1) % settings["log_every"] == 0 or step + 1 == steps:
             curve.append([step + 1, round(sum(running) / len(running), 4)])
             running = []
+            if job.get("progress") and (step + 1) % (4 * settings["log_every"]) == 0:
+                print(f"    [{arm} seed {seed}] step {step + 1}/{steps}: loss {curve[-1][1]:.4f} "
+                      f"({time.time() - start:.0f}s)", file=sys.stderr, flush=True)
         if step + 1 in settings.get("eval_at", ()) and step + 1 != steps:
             checkpoints.append({"step": step + 1, "accuracy": evaluate(model, encoder, heldout)["accuracy"]})
-    seconds = time.time() - start
+    seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
     result = evaluate(model, encoder, heldout)
     record = {
         "arm": arm,
@@ -626,6 +629,7 @@ def run_arm(job: dict) -> dict:
         "accuracy": result["accuracy"],
         "trainable_parameters": sum(p.numel() for p in trainable),
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
         "loss_curve": curve,
         "checkpoints": checkpoints,
     }
@@ -677,7 +681,7 @@ def gate_maps(runs: list[dict]) -> dict:
 
 def results_table(report: dict) -> str:
     """A markdown table: accuracy per kind (mean ± std over seeds), trainable parameters, seconds per run."""
-    header = "| arm | " + " | ".join(KINDS) + " | detail mean | coarse mean | trainable params | s / run |"
+    header = "| arm | " + " | ".join(KINDS) + " | detail mean | coarse mean | trainable params | s / run (CPU s) |"
     lines = [header, "|" + " --- |" * (len(KINDS) + 5)]
     for arm, entry in report["arms"].items():
         cells = []
@@ -687,10 +691,10 @@ def results_table(report: dict) -> str:
         detail = mean_std([np.mean([entry["accuracy"][k][i] for k in DETAIL_KINDS]) for i in range(len(entry["seeds"]))])
         coarse_kinds = [k for k in KINDS if k not in DETAIL_KINDS]
         coarse = mean_std([np.mean([entry["accuracy"][k][i] for k in coarse_kinds]) for i in range(len(entry["seeds"]))])
-        seconds = mean_std(entry["seconds"])
+        seconds, cpu = mean_std(entry["seconds"]), mean_std(entry.get("cpu_seconds", [0.0]))
         lines.append(
             f"| {arm} | " + " | ".join(cells) + f" | {detail[0]:.3f} ± {detail[1]:.3f} | {coarse[0]:.3f} ± {coarse[1]:.3f}"
-            f" | {entry['trainable_parameters']:,} | {seconds[0]:.0f} |"
+            f" | {entry['trainable_parameters']:,} | {seconds[0]:.0f} ({cpu[0]:.0f}) |"
         )
     return "\n".join(lines)
 
@@ -786,20 +790,20 @@ def main(argv=None) -> dict:
         if arm == "cli_folded" and not folded_agf_available():
             raise ValueError("--arms cli_folded: this checkout's CLIConfig has no agf_form='folded'.")
     torch.set_num_threads(1)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     print(f"arms {arms}, seeds {seeds}, {steps} steps x batch {args.batch_size}, lr {args.lr}", flush=True)
 
     work = tempfile.mkdtemp(prefix="bench_fusion_")
     if args.tower:
-        tower_state, tower_log, tower_seconds = load_file(args.tower), [], 0.0
+        tower_state, tower_log, tower_seconds, tower_cpu_seconds = load_file(args.tower), [], 0.0, 0.0
         tower = build_tower(0)
         tower.load_state_dict(tower_state)
         tower.eval().requires_grad_(False)
     else:
         print(f"pretraining the vision tower ({tower_steps} steps) ...", flush=True)
-        tower_start = time.time()
+        tower_start, tower_cpu_start = time.time(), time.process_time()
         tower, tower_log = pretrain_tower(tower_steps, invariance_weight=args.invariance_weight)
-        tower_seconds = time.time() - tower_start
+        tower_seconds, tower_cpu_seconds = time.time() - tower_start, time.process_time() - tower_cpu_start
         tower_state = {k: v.contiguous() for k, v in tower.state_dict().items()}
     tower_path = os.path.join(work, "tower.safetensors")
     save_file(tower_state, tower_path)
@@ -816,7 +820,8 @@ def main(argv=None) -> dict:
         steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=30, eval_per_kind=eval_per_kind, eval_seed=777,
         data_seed_offset=1000, log_every=25, eval_at=[int(s) for s in args.eval_at.split(",") if s],
     )
-    jobs = [dict(arm=arm, seed=seed, settings=settings, tower_path=tower_path) for seed in seeds for arm in arms]
+    jobs = [dict(arm=arm, seed=seed, settings=settings, tower_path=tower_path, progress=args.jobs > 1)
+            for seed in seeds for arm in arms]
     runs = []
     if args.jobs <= 1:
         for job in jobs:
@@ -844,7 +849,8 @@ def main(argv=None) -> dict:
                      "extraction_layers": EXTRACTION_LAYERS, "injection_layers": INJECTION_LAYERS,
                      "vision_config": VISION_CONFIG, "text_config": TEXT_CONFIG, "quick": args.quick,
                      "arm_specs": {arm: ARMS[arm] for arm in arms}},
-        "tower": {"pretraining_log": tower_log, "seconds": round(tower_seconds, 1), "loaded_from": args.tower},
+        "tower": {"pretraining_log": tower_log, "seconds": round(tower_seconds, 1),
+                  "cpu_seconds": round(tower_cpu_seconds, 1), "loaded_from": args.tower},
         "runs": runs,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "jobs": args.jobs, "threads_per_run": 1},
@@ -856,9 +862,12 @@ def main(argv=None) -> dict:
             "accuracy": {kind: [round(run["accuracy"][kind], 4) for run in arm_runs] for kind in KINDS},
             "trainable_parameters": arm_runs[0]["trainable_parameters"],
             "seconds": [run["seconds"] for run in arm_runs],
+            "cpu_seconds": [run["cpu_seconds"] for run in arm_runs],
         }
     report["gate_maps"] = gate_maps(runs)
     report["total_seconds"] = round(time.time() - started, 1)
+    # the parent's own CPU time (tower, probes) + every run's: what the benchmark costs on an otherwise idle machine
+    report["total_cpu_seconds"] = round(time.process_time() - cpu_started + sum(run["cpu_seconds"] for run in runs), 1)
     print("\n" + results_table(report))
     print("a model blind to the dots scores at most: " + ", ".join(f"{k} {v:.3f}" for k, v in report["dot_blind_ceiling"].items()))
     for arm, maps in report["gate_maps"].items():
@@ -879,7 +888,8 @@ def main(argv=None) -> dict:
     if args.figures:
         for path in save_figures(report, args.figures):
             print(f"wrote {path}")
-    print(f"total {report['total_seconds']:.0f}s")
+    print(f"total {report['total_seconds']:.0f}s wall, {report['total_cpu_seconds']:.0f}s CPU "
+          f"({report['total_cpu_seconds'] / 60 / max(1, args.jobs):.0f} min on {max(1, args.jobs)} idle cores)")
     return report
 
 
