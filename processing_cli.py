@@ -4,9 +4,11 @@
 import base64
 import binascii
 import io
+import json
 import math
 import os
 import re
+import time
 import warnings
 
 import numpy as np
@@ -15,6 +17,9 @@ from transformers import AddedToken, LlavaOnevisionProcessor
 from transformers.image_utils import make_flat_list_of_images
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
@@ -22,19 +27,59 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 # SigLIP-so400m-patch14-384: (384 / 14) ** 2 = 27 * 27 patches per view, no CLS token.
 NUM_IMAGE_TOKENS = 729
 
+# Image downloads (http(s):// sources): at most CLI_IMAGE_TIMEOUT seconds and CLI_IMAGE_MAX_BYTES bytes each.
+IMAGE_TIMEOUT_ENV = "CLI_IMAGE_TIMEOUT"
+DEFAULT_IMAGE_TIMEOUT = 10.0
+IMAGE_MAX_BYTES_ENV = "CLI_IMAGE_MAX_BYTES"
+DEFAULT_IMAGE_MAX_BYTES = 50 * 2**20
+
+# What a chat message may hold (the qwen_1_5 template renders nothing else).
+CHAT_ROLES = ("system", "user", "assistant")
+CONTENT_TYPES = ("text", "image")
+IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+
+# Keys `from_pretrained` puts into a tokenizer's init kwargs that describe how it was loaded, not what it is; saved
+# tokenizer_config.json files must not carry them (see `strip_tokenizer_runtime_state`).
+TOKENIZER_LOADER_KEYS = (
+    "is_local",
+    "local_files_only",
+    "name_or_path",
+    "_commit_hash",
+    "_from_auto",
+    "_from_pipeline",
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "revision",
+    "subfolder",
+    "token",
+    "trust_remote_code",
+    "use_auth_token",
+    "user_agent",
+)
+
 # LLaVA-NeXT's `conv_qwen` ("qwen_1_5"): ChatML with a default system prompt. Every image item of a message renders as
 # "<image>\n" where it stands, so text and images interleave in order; `{% generation %}` marks the assistant replies
 # (their text, `<|im_end|>` and the newline: what LLaVA-NeXT's `preprocess_qwen` trains on) for
-# `return_assistant_tokens_mask`.
+# `return_assistant_tokens_mask`. The role headers are literals chosen by the role (a role string is never echoed, so
+# it cannot inject markup); any other role, item type or non-string text stops the rendering (the processor checks
+# the messages first and raises a `ValueError` naming the message: see `check_chat_messages`).
 CLI_CHAT_TEMPLATE = (
     "{%- macro render_content(content) -%}"
     "{%- if content is string -%}{{ content }}"
-    "{%- elif content is defined and content is not none -%}"
+    "{%- elif content is not defined or content is none -%}"
+    "{%- elif content is mapping or content is not iterable -%}"
+    "{{ raise_exception('Message content must be a string or a list of {\"type\": \"text\"} / {\"type\": \"image\"} items.') }}"
+    "{%- else -%}"
     "{%- for item in content -%}"
-    "{%- if item['type'] == 'image' -%}{{ '<image>\n' }}"
-    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}"
+    "{%- if item is not mapping -%}"
+    "{{ raise_exception('Content items must be {\"type\": \"text\", \"text\": ...} or {\"type\": \"image\"} dicts.') }}"
+    "{%- elif item['type'] == 'image' -%}{{ '<image>\n' }}"
+    "{%- elif item['type'] == 'text' and item['text'] is string -%}{{ item['text'] }}"
     "{%- elif item['type'] == 'video' -%}"
     "{{ raise_exception('CLI handles images only: a video item cannot be rendered by the qwen_1_5 template.') }}"
+    "{%- else -%}"
+    "{{ raise_exception('Content items must be {\"type\": \"text\", \"text\": a string} or {\"type\": \"image\"}.') }}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- endif -%}"
@@ -46,8 +91,12 @@ CLI_CHAT_TEMPLATE = (
     "{%- if message['role'] == 'assistant' -%}"
     "{{ '<|im_start|>assistant\n' }}"
     "{% generation %}{{ render_content(message['content']) }}{{ '<|im_end|>\n' }}{% endgeneration %}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{ '<|im_start|>user\n' }}{{ render_content(message['content']) }}{{ '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'system' -%}"
+    "{{ '<|im_start|>system\n' }}{{ render_content(message['content']) }}{{ '<|im_end|>\n' }}"
     "{%- else -%}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}{{ render_content(message['content']) }}{{ '<|im_end|>\n' }}"
+    "{{ raise_exception('Message roles must be system, user or assistant.') }}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
@@ -197,11 +246,105 @@ def _open_image(data_or_path, description: str) -> Image.Image:
         raise
 
 
-def load_cli_image(source, timeout: float | None = None) -> Image.Image:
+def _positive_setting(name: str, default: float, value, cast):
+    if value is None:
+        value = os.environ.get(name)
+        if value is None or value == "":
+            return default
+    try:
+        number = cast(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}.")
+    return number
+
+
+def image_download_limits(timeout: float | None = None, max_bytes: int | None = None) -> tuple[float, int]:
+    """
+    `(timeout, max_bytes)` of an image download: the arguments if given, else the environment variables
+    `CLI_IMAGE_TIMEOUT` (seconds, default 10) and `CLI_IMAGE_MAX_BYTES` (default 50 MiB = 52428800). A value that is not
+    a positive number raises a `ValueError` naming the variable.
+    """
+    return (
+        _positive_setting(IMAGE_TIMEOUT_ENV, DEFAULT_IMAGE_TIMEOUT, timeout, float),
+        int(_positive_setting(IMAGE_MAX_BYTES_ENV, DEFAULT_IMAGE_MAX_BYTES, max_bytes, lambda v: int(str(v)))),
+    )
+
+
+def download_image_bytes(url: str, timeout: float | None = None, max_bytes: int | None = None) -> bytes:
+    """
+    The body of `url` (`http://` or `https://`), read with a deadline and a size cap ([`image_download_limits`]): the
+    connection and every read wait at most `timeout` seconds, and the download is abandoned once it has taken
+    `timeout` seconds in all (checked between reads) or holds more than `max_bytes` bytes (a larger `Content-Length` is
+    refused before reading). Redirects are followed to http(s) URLs only. Failures raise a `ValueError` naming the URL.
+    """
+    import http.client
+    import socket
+    import urllib.error
+    import urllib.request
+
+    timeout, max_bytes = image_download_limits(timeout, max_bytes)
+    description = _describe(url)
+    limits = f"{IMAGE_TIMEOUT_ENV}={timeout:g} s, {IMAGE_MAX_BYTES_ENV}={max_bytes} bytes"
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        urllib.request.HTTPRedirectHandler(),  # without an FTP or file handler, a redirect elsewhere fails
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    deadline = time.monotonic() + timeout
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
+                raise ValueError(
+                    f"Image {description} is {int(declared)} bytes, over the limit of {max_bytes} bytes "
+                    f"({IMAGE_MAX_BYTES_ENV}); raise {IMAGE_MAX_BYTES_ENV} if the image is trusted."
+                )
+            read = getattr(response, "read1", response.read)
+            chunks, size = [], 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise socket.timeout("the download took too long")
+                chunk = read(min(1 << 16, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ValueError(
+                        f"Image {description} is larger than {max_bytes} bytes ({IMAGE_MAX_BYTES_ENV}); the download "
+                        f"was stopped. Raise {IMAGE_MAX_BYTES_ENV} if the image is trusted."
+                    )
+            return b"".join(chunks)
+    except ValueError:
+        raise
+    except (TimeoutError, socket.timeout) as error:
+        raise ValueError(
+            f"Cannot download image {description}: no complete answer within {timeout:g} s ({IMAGE_TIMEOUT_ENV}): "
+            f"{error}."
+        ) from error
+    except urllib.error.URLError as error:
+        reason = error.reason if not isinstance(error, urllib.error.HTTPError) else f"HTTP {error.code} {error.reason}"
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            reason = f"no answer within {timeout:g} s ({IMAGE_TIMEOUT_ENV})"
+        raise ValueError(f"Cannot download image {description}: {reason} ({limits}).") from error
+    except (OSError, http.client.HTTPException) as error:
+        raise ValueError(f"Cannot download image {description}: {type(error).__name__}: {error} ({limits}).") from error
+
+
+def load_cli_image(source, timeout: float | None = None, max_bytes: int | None = None) -> Image.Image:
     """
     Loads an image the way LLaVA-NeXT does (`Image.open(...).convert("RGB")`, no EXIF rotation) from a PIL image, a
     local path (`str` or `os.PathLike`), an `http(s)://` URL, a `data:image/...;base64,` URL, a raw base64 string or
-    `bytes`. Anything unreadable raises a `ValueError` that names the source.
+    `bytes`. URLs are downloaded by [`download_image_bytes`] (`timeout` / `max_bytes` default to the environment's
+    `CLI_IMAGE_TIMEOUT` / `CLI_IMAGE_MAX_BYTES`: 10 s and 50 MiB). Anything unreadable raises a `ValueError` that names
+    the source.
     """
     description = _describe(source)
     if isinstance(source, Image.Image):
@@ -213,15 +356,7 @@ def load_cli_image(source, timeout: float | None = None) -> Image.Image:
     if not isinstance(source, str):
         raise ValueError(f"Cannot load an image from a {type(source).__name__}; pass a PIL image, path, URL or base64.")
     if source.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(source, timeout=timeout) as response:
-                data = response.read()
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            raise ValueError(f"Cannot download image {description}: {error}") from error
-        return _open_image(io.BytesIO(data), description)
+        return _open_image(io.BytesIO(download_image_bytes(source, timeout, max_bytes)), description)
     if os.path.isfile(source):
         return _open_image(source, description)
     payload = source.split(",", 1)[1] if source.startswith("data:") else source
@@ -234,6 +369,33 @@ def load_cli_image(source, timeout: float | None = None) -> Image.Image:
             f"Cannot load image {description}: it is not an existing file, an http(s) URL or base64 image data."
         )
     return _open_image(io.BytesIO(data), description)
+
+
+def warn_if_already_rescaled(images) -> int:
+    """
+    Logs transformers' "already rescaled" warning when float images (arrays, nested lists kept) have every value within
+    [0, 1] (`transformers.image_utils.is_scaled_image`); returns how many such images there are.
+    """
+    from transformers.image_utils import is_scaled_image
+
+    def flat(items):
+        for item in items:
+            if isinstance(item, (list, tuple)):
+                yield from flat(item)
+            else:
+                yield item
+
+    scaled = sum(
+        1 for image in flat(images) if isinstance(image, np.ndarray) and image.size and np.issubdtype(image.dtype, np.floating)
+        and is_scaled_image(image)
+    )
+    if scaled:
+        logger.warning(
+            f"It looks like you are trying to rescale already rescaled images: {scaled} float image(s) have all their "
+            "values within [0, 1] and `do_rescale=True` divides them by 255 again (they turn nearly black). If the "
+            "input images have pixel values between 0 and 1, set `do_rescale=False` to avoid rescaling them again."
+        )
+    return scaled
 
 
 class CLIImageProcessor(LlavaOnevisionImageProcessorPil):
@@ -265,7 +427,14 @@ class CLIImageProcessor(LlavaOnevisionImageProcessorPil):
     `(w, h)`, which only matters for exact ties, and no image up to 4700x4700 has one with the default grid.
 
     Bad images raise `ValueError`: undecodable or truncated files, empty images, and images over
-    `PIL.Image.MAX_IMAGE_PIXELS` (PIL's decompression-bomb limit; the message gives the size and the limit).
+    `PIL.Image.MAX_IMAGE_PIXELS` (PIL's decompression-bomb limit; the message gives the size and the limit). URLs are
+    downloaded with a timeout and a size cap (`CLI_IMAGE_TIMEOUT`, `CLI_IMAGE_MAX_BYTES`; see [`download_image_bytes`]).
+
+    Float images whose values all lie within [0, 1] (what torchvision's `ToTensor` gives) while `do_rescale=True` are
+    rescaled again (divided by 255: nearly black). As transformers' own image processors do, this logs a warning
+    ("It looks like you are trying to rescale already rescaled images"), here on every call that has such images and
+    with their count; pass `do_rescale=False` for them. It warns rather than raises because an all-dark 0..255 float
+    image (e.g. zeros) is legitimate input.
     """
 
     image_mean = [0.5, 0.5, 0.5]
@@ -280,6 +449,12 @@ class CLIImageProcessor(LlavaOnevisionImageProcessorPil):
             return load_cli_image(image_url_or_urls)
         return super().fetch_images(image_url_or_urls)
 
+    def _preprocess_image_like_inputs(self, images, *args, **kwargs):
+        prepared = self._prepare_image_like_inputs(images, **kwargs)
+        if kwargs.get("do_rescale"):
+            warn_if_already_rescaled(prepared)
+        return self._preprocess(prepared, *args, **kwargs)
+
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         if isinstance(image, Image.Image):
             if do_convert_rgb:
@@ -291,6 +466,136 @@ class CLIImageProcessor(LlavaOnevisionImageProcessorPil):
         if array.ndim != 3 or 0 in array.shape:
             raise ValueError(f"Expected a non-empty image with 2 spatial dimensions, got an array of shape {array.shape}.")
         return array
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_chat_messages(messages, name: str = "conversation") -> None:
+    """
+    Checks one conversation against what the `qwen_1_5` template renders and raises a `ValueError` naming the message
+    (`"conversation, message 2: ..."`) and what is allowed: a non-empty list of dicts with `role` in `system` / `user`
+    / `assistant` and `content` a string or a list of items `{"type": "text", "text": <str>}` / `{"type": "image"}`
+    (optionally with `image`, `url`, `path` or `base64`). Keys whose value is None count as absent, as in
+    transformers' `apply_chat_template`. Video and audio items are refused (CLI handles images only).
+    """
+    if not isinstance(messages, (list, tuple)) or len(messages) == 0:
+        raise ValueError(f"{name}: expected a non-empty list of messages, got {_short(messages)}.")
+    for index, message in enumerate(messages):
+        where = f"{name}, message {index}"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where}: expected a dict with 'role' and 'content', got {type(message).__name__}.")
+        role = message.get("role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            raise ValueError(f"{where} has role {_short(role)}; roles must be one of {list(CHAT_ROLES)}.")
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise ValueError(
+                f"{where} ({role}): content must be a string or a list of {{'type': 'text', 'text': ...}} / "
+                f"{{'type': 'image'}} items, got {type(content).__name__} {_short(content)}."
+            )
+        for position, item in enumerate(content):
+            item_type = item.get("type") if isinstance(item, dict) else None
+            if item_type in ("video", "audio"):
+                raise ValueError(
+                    f"{where}, item {position}: {item_type} items are not supported; CLI handles images and text only."
+                )
+            if item_type not in CONTENT_TYPES:
+                raise ValueError(
+                    f"{where}, item {position}: {_short(item)} is not a content item; items must be "
+                    "{'type': 'text', 'text': <string>} or {'type': 'image'} (with 'image', 'url', 'path' or "
+                    "'base64', or none when `images=` are passed separately)."
+                )
+            if item_type == "text" and not isinstance(item.get("text"), str):
+                raise ValueError(
+                    f"{where}, item {position}: a text item needs a string 'text', got {_short(item.get('text'))}."
+                )
+            if item_type == "image" and sum(item.get(key) is not None for key in IMAGE_SOURCE_KEYS) > 1:
+                raise ValueError(
+                    f"{where}, item {position}: an image item holds one image source (one of "
+                    f"{list(IMAGE_SOURCE_KEYS)}), got {[key for key in IMAGE_SOURCE_KEYS if item.get(key) is not None]}."
+                )
+
+
+def _is_empty(inputs) -> bool:
+    """None, or (nested) lists/tuples with nothing in them."""
+    if inputs is None:
+        return True
+    if isinstance(inputs, (list, tuple)):
+        return all(_is_empty(item) for item in inputs)
+    return False
+
+
+def strip_tokenizer_runtime_state(folder: str | os.PathLike) -> list[str]:
+    """
+    Removes from a saved tokenizer what describes how it was loaded or last called rather than what it is, and returns
+    the keys removed:
+
+    - from `tokenizer_config.json`: the loader's keys ([`TOKENIZER_LOADER_KEYS`]: `is_local`, `local_files_only`,
+      `name_or_path`, `cache_dir`, `revision`, ...), and the keys transformers copies at load time from
+      `tokenizer.json`'s padding / truncation state (`padding_side`, `pad_to_multiple_of`, `pad_token_type_id`,
+      `max_length`, `truncation_side`, `stride`, `truncation_strategy`) when they equal that state;
+    - from `tokenizer.json`: the `padding` / `truncation` state of the last call (every call sets its own).
+
+    Missing files are skipped. Every folder the project saves runs through it ([`CLIProcessor.save_pretrained`]).
+    """
+    folder = os.fspath(folder)
+    removed = []
+    state = {}
+    tokenizer_path = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(tokenizer_path):
+        with open(tokenizer_path, encoding="utf-8") as f:
+            tokenizer_json = json.load(f)
+        for block in ("padding", "truncation"):
+            if tokenizer_json.get(block) is not None:
+                state[block] = tokenizer_json[block]
+                tokenizer_json[block] = None
+                removed.append(f"tokenizer.json:{block}")
+        if state:
+            _write_json(tokenizer_path, tokenizer_json, indent=2)
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        derived = {}
+        padding, truncation = state.get("padding") or {}, state.get("truncation") or {}
+        if padding:
+            derived.update(
+                padding_side=str(padding.get("direction", "")).lower(),
+                pad_to_multiple_of=padding.get("pad_to_multiple_of"),
+                pad_token_type_id=padding.get("pad_type_id"),
+                max_length=padding.get("length"),
+            )
+        if truncation:
+            derived.update(
+                truncation_side=str(truncation.get("direction", "")).lower(),
+                stride=truncation.get("stride"),
+                truncation_strategy=truncation.get("strategy"),
+                max_length=truncation.get("max_length"),
+            )
+        for key in list(config):
+            value = config[key]
+            if key in TOKENIZER_LOADER_KEYS or (key in derived and value in (derived[key], None)):
+                removed.append(key)
+                del config[key]
+            elif key in ("max_length", "pad_to_multiple_of", "stride") and value is None:  # call defaults, nothing set
+                removed.append(key)
+                del config[key]
+        if any(not name.startswith("tokenizer.json:") for name in removed):
+            _write_json(config_path, config, indent=2, sort_keys=True)
+    return removed
+
+
+def _write_json(path: str, data, **kwargs) -> None:
+    """Writes `data` next to `path` and renames it over `path` (never a half-written file)."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, ensure_ascii=False, **kwargs) + "\n")
+    os.replace(temporary, path)
 
 
 class CLIProcessor(LlavaOnevisionProcessor):
@@ -307,6 +612,12 @@ class CLIProcessor(LlavaOnevisionProcessor):
     Images are grouped per prompt following the `<image>` markers of each prompt, so a prompt with several images
     always gets the multi-image treatment even when `images` is a flat list (transformers treats a flat list as one
     image per prompt). A marker/image count mismatch raises `ValueError`.
+
+    `videos` and `audio` / `audios` may be given empty (`[]`, as evaluation harnesses such as lmms-eval pass them);
+    non-empty ones raise `ValueError` (CLI handles images only). `padding_side="left"` / `"right"` is honoured.
+    `apply_chat_template` checks every message first ([`check_chat_messages`]): a bad role, item or content raises
+    `ValueError` naming the message. `save_pretrained` writes the tokenizer without loader or call state
+    ([`strip_tokenizer_runtime_state`]).
 
     Args:
         image_processor ([`CLIImageProcessor`]): the image processor.
@@ -350,11 +661,53 @@ class CLIProcessor(LlavaOnevisionProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        if videos is not None:
-            raise ValueError("CLIProcessor handles images only; `videos` are not supported.")
+        audios = kwargs.pop("audios", None)
+        for name, value in (("videos", videos), ("audio", audio), ("audios", audios)):
+            if not _is_empty(value):
+                raise ValueError(
+                    f"CLIProcessor handles images only; `{name}` must be None or empty, got {type(value).__name__} "
+                    f"{_short(value)}."
+                )
         if images is not None and text is not None:
             images = self._group_images_by_prompt(images, text, kwargs.get("sanitize_control_tokens", False))
-        return super().__call__(images=images, text=text, audio=audio, **kwargs)
+        return super().__call__(images=images, text=text, **kwargs)
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """
+        transformers' `ProcessorMixin.apply_chat_template`, after checking every message ([`check_chat_messages`]);
+        a template error (e.g. a custom template's `raise_exception`) becomes a `ValueError`.
+        """
+        batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and isinstance(
+            conversation[0], (list, tuple)
+        )
+        for index, messages in enumerate(conversation if batched else [conversation]):
+            name = f"conversation {index}" if batched else "conversation"
+            if isinstance(messages, (list, tuple)):
+                messages = [
+                    {key: value for key, value in message.items() if value is not None}
+                    if isinstance(message, dict) else message
+                    for message in messages
+                ]
+            check_chat_messages(messages, name)
+        from jinja2 import TemplateError
+
+        try:
+            return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        except TemplateError as error:
+            raise ValueError(f"The chat template cannot render this conversation: {error}") from error
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """
+        transformers' `save_pretrained`, then [`strip_tokenizer_runtime_state`] on the folder (no `is_local`,
+        `local_files_only`, ... in `tokenizer_config.json`). With `push_to_hub`, the cleaned files are uploaded
+        (`push_to_hub` saves through this method too).
+        """
+        files = super().save_pretrained(save_directory)
+        strip_tokenizer_runtime_state(save_directory)
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", os.fspath(save_directory).rstrip(os.sep).split(os.sep)[-1])
+            self.push_to_hub(repo_id, **kwargs)
+        return files
 
     def _group_images_by_prompt(self, images, text, sanitize_control_tokens: bool = False):
         """Checks that every prompt has as many `<image>` markers as images and nests the images per prompt."""
@@ -430,10 +783,18 @@ __all__ = [
     "IMAGE_TOKEN",
     "NUM_IMAGE_TOKENS",
     "VIDEO_TOKEN",
+    "CHAT_ROLES",
+    "IMAGE_MAX_BYTES_ENV",
+    "IMAGE_TIMEOUT_ENV",
     "add_cli_special_tokens",
     "anyres_feature_grid",
     "anyres_max_num_patches",
+    "check_chat_messages",
+    "download_image_bytes",
+    "image_download_limits",
     "load_cli_image",
+    "strip_tokenizer_runtime_state",
     "to_rgb_image",
     "unpadded_grid_shape",
+    "warn_if_already_rescaled",
 ]

@@ -1,7 +1,7 @@
 # Copyright 2026 The CLI for transformers authors. Licensed under the Apache License, Version 2.0.
 """
-Training CLI models: a data collator for chat-formatted image data, PEFT (LoRA on the LLM + the CLI modules), tiny
-offline checkpoints, and helpers for the Trainer.
+Training CLI models: a data collator for chat-formatted image data, PEFT (LoRA on the LLM + the CLI modules), saving,
+and helpers for the Trainer.
 
 - [`CLIDataCollator`]: `{"messages": [...], "images": [...]}` samples -> `input_ids`, `attention_mask`, `labels`,
   `pixel_values`, `image_sizes`, `batch_num_images`, through [`CLIProcessor`]'s chat template and image processing
@@ -9,279 +9,49 @@ offline checkpoints, and helpers for the Trainer.
 - [`load_chat_jsonl`]: reads a JSONL data set, checking every line (roles, image markers, image files) up front.
 - [`cli_peft_config`]: a `peft.LoraConfig` with LoRA on the language model's decoder projections and AMP + AGF as
   fully trained extra modules (`modules_to_save`); saves, reloads and merges.
-- [`build_tiny_cli_checkpoint`]: a tiny random CLI model + tiny Qwen2 tokenizer + processor saved as a remote-code
-  folder, for offline examples and tests.
-- [`summarize_trainable`] / [`summary_7b`]: the trainable-parameter table, also for CLI-7B built on the meta device.
+- [`trainable_summary`]: trainable / total parameters per group (vision tower, projector, AMP, AGF, LLM, LoRA).
+- [`save_cli_folder`] / [`refresh_saved_folder`]: a self-contained remote-code folder of a trained model.
+
+The tiny offline models and tokenizer, and CLI-7B's parameter tables, are in `tiny_cli.py`.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 try:  # loaded as remote code / from a package folder
-    from .configuration_cli import CLIConfig
     from .modeling_cli import CLIForConditionalGeneration, format_parameter_summary
-    from .processing_cli import IMAGE_TOKEN, CLIImageProcessor, CLIProcessor, add_cli_special_tokens
+    from .processing_cli import (
+        IMAGE_TOKEN,
+        CLIImageProcessor,
+        CLIProcessor,
+        check_chat_messages,
+        strip_tokenizer_runtime_state,
+    )
 except ImportError:  # installed as top-level modules
-    from configuration_cli import CLIConfig
     from modeling_cli import CLIForConditionalGeneration, format_parameter_summary
-    from processing_cli import IMAGE_TOKEN, CLIImageProcessor, CLIProcessor, add_cli_special_tokens
+    from processing_cli import (
+        IMAGE_TOKEN,
+        CLIImageProcessor,
+        CLIProcessor,
+        check_chat_messages,
+        strip_tokenizer_runtime_state,
+    )
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
 REMOTE_CODE_FILES = ("configuration_cli.py", "modeling_cli.py", "processing_cli.py")
 SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # LoRA targets: the Qwen2 decoder's attention and MLP projections only (not the vision tower's q/k/v/out_proj, not
 # the projector, not AGF, whose weights are raw parameters anyway).
 LLM_LORA_TARGET_MODULES = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# A tiny Qwen2 byte-level BPE tokenizer (the same construction as tests/tiny_tokenizer.py, with a larger corpus so
-# that every word of the shapes questions is one token). Deterministic, no download.
-# ----------------------------------------------------------------------------------------------------------------------
-
-TINY_CORPUS = """
-You are a helpful assistant. Describe this image in detail. What is in the picture? The image shows a cat sitting on
-a red chair next to a window, and a dog is sleeping on the floor. There are two people walking in the street.
-What is the difference between the two images? The first image is brighter than the second one.
-How many objects are there? There are 3 apples, 12 oranges and 2024 bananas. Answer the question using a single
-word or phrase. Please answer yes or no. Yes. No. The answer is A. Options: A, B, C, D.
-user assistant system image video question answer layer vision language model cross injection
-<|im_start|>system
-You are a helpful assistant.<|im_end|>
-<|im_start|>user
-<image>
-What is shown here?<|im_end|>
-<|im_start|>assistant
-A small house with a garden.<|im_end|>
-"""
-SHAPES_CORPUS = """
-What color is the circle? What color is the square? What color is the triangle?
-How many circles are there? How many squares are there? How many triangles are there?
-Is the circle left of the square? Is the circle left of the triangle? Is the square left of the circle?
-Is the square left of the triangle? Is the triangle left of the circle? Is the triangle left of the square?
-red
-green
-blue
-yellow
-yes
-no
-Describe the grid.
-red circle, none, green square, none, blue triangle, none, yellow circle, none, none
-green circle, red square, yellow triangle, blue square, red triangle, green triangle, blue circle, yellow square
-"""
-TINY_NUM_MERGES = 2000  # more than the corpus has pairs: BPE runs to completion, every corpus word is one token
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(code) for code in codes)))
-
-
-def _learn_merges(text: str, num_merges: int):
-    from tokenizers import Regex, pre_tokenizers
-
-    pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    words = collections.Counter(piece for piece, _ in pre_tokenizer.pre_tokenize_str(text))
-    byte_map = _bytes_to_unicode()
-    vocab = {byte_map[byte]: byte for byte in range(256)}
-    splits = {word: list(word) for word in words}
-    merges = []
-    while len(merges) < num_merges:
-        pairs = collections.Counter()
-        for word, count in words.items():
-            symbols = splits[word]
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        merged = best[0] + best[1]
-        merges.append(best)
-        if merged not in vocab:
-            vocab[merged] = len(vocab)
-        for word, symbols in splits.items():
-            index, out = 0, []
-            while index < len(symbols):
-                if index + 1 < len(symbols) and (symbols[index], symbols[index + 1]) == best:
-                    out.append(merged)
-                    index += 2
-                else:
-                    out.append(symbols[index])
-                    index += 1
-            splits[word] = out
-    return vocab, merges
-
-
-def build_tiny_tokenizer(save_dir: str | os.PathLike | None = None, corpus: str = TINY_CORPUS + SHAPES_CORPUS):
-    """
-    A tiny, real Qwen2 byte-level BPE tokenizer (a `transformers.Qwen2Tokenizer`), identical on every call: the 256
-    byte symbols, the BPE merges of `corpus` (run to completion, so each corpus word is a single token), then
-    `<|endoftext|>` (pad), `<|im_start|>`, `<|im_end|>` (eos), then `<image>` and `<video>` added as LLaVA-NeXT adds
-    them ([`add_cli_special_tokens`]). Saved to `save_dir` if given.
-    """
-    from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer
-
-    vocab, merges = _learn_merges(corpus, TINY_NUM_MERGES)
-    for token in SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=32768,
-    )
-    tokenizer.add_tokens(
-        [AddedToken(token, special=True, normalized=False, lstrip=False, rstrip=False) for token in SPECIAL_TOKENS],
-        special_tokens=True,
-    )
-    add_cli_special_tokens(tokenizer)
-    if save_dir is not None:
-        tokenizer.save_pretrained(os.fspath(save_dir))
-    return tokenizer
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Tiny CLI models
-# ----------------------------------------------------------------------------------------------------------------------
-
-TINY_IMAGE_SIZE = 48  # one 48 x 48 view, 16-pixel patches: 3 x 3 = 9 tokens per view
-TINY_PATCH_SIZE = 16
-TINY_PINPOINTS = [[TINY_IMAGE_SIZE * rows, TINY_IMAGE_SIZE * cols] for rows in range(1, 4) for cols in range(1, 4)]
-
-
-def tiny_cli_config(tokenizer, patch_size: int = TINY_PATCH_SIZE, **overrides) -> CLIConfig:
-    """
-    The configuration of a tiny CLI model for `tokenizer` (vocabulary, `<image>`, eos and pad ids): a 2-layer SigLIP
-    (48 x 48 views, `patch_size`-pixel patches), a 4-layer Qwen2 of width 128, AMP on vision layers [1, 2] and AGF
-    before decoder layers [1, 2]. `overrides` replace top-level `CLIConfig` arguments; `text_config` / `vision_config`
-    dicts are merged into the defaults.
-    """
-    vision_config = dict(
-        model_type="siglip_vision_model",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=TINY_IMAGE_SIZE,
-        patch_size=patch_size,
-        vision_use_head=False,
-    )
-    text_config = dict(
-        model_type="qwen2",
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    vision_config.update(overrides.pop("vision_config", {}))
-    text_config.update(overrides.pop("text_config", {}))
-    ids = add_cli_special_tokens(tokenizer)
-    kwargs = dict(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=ids["image_token_id"],
-        video_token_index=ids["video_token_id"],
-        image_grid_pinpoints=TINY_PINPOINTS,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_9",
-        vision_extraction_layers=[1, 2],
-        llm_injection_layers=[1, 2],
-        amp_lora_rank=8,
-        amp_lora_alpha=16,
-        tie_word_embeddings=text_config["tie_word_embeddings"],
-        eos_token_id=text_config["eos_token_id"],
-        pad_token_id=text_config["pad_token_id"],
-    )
-    kwargs.update(overrides)
-    return CLIConfig(**kwargs)
-
-
-def tiny_processor(tokenizer, patch_size: int = TINY_PATCH_SIZE) -> CLIProcessor:
-    """A [`CLIProcessor`] for the tiny models: 48 x 48 views, tiny pinpoints, `(48 // patch_size) ** 2` tokens a view."""
-    image_processor = CLIImageProcessor(
-        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, image_grid_pinpoints=TINY_PINPOINTS
-    )
-    return CLIProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        num_image_tokens=(TINY_IMAGE_SIZE // patch_size) ** 2,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_9",
-    )
-
-
-def build_tiny_cli(seed: int = 0, patch_size: int = TINY_PATCH_SIZE, **config_overrides):
-    """
-    `(model, processor)`: a randomly initialised tiny CLI model (eval mode, fp32) and its processor; `patch_size`
-    divides the 48-pixel view, `config_overrides` go to [`tiny_cli_config`].
-    """
-    tokenizer = build_tiny_tokenizer()
-    processor = tiny_processor(tokenizer, patch_size)
-    config = tiny_cli_config(tokenizer, patch_size, **config_overrides)
-    torch.manual_seed(seed)
-    model = CLIForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
-    return model, processor
-
-
-def save_cli_folder(model, processor, folder: str | os.PathLike, **save_kwargs) -> str:
-    """
-    Saves model and processor as a self-contained remote-code folder (weights, config with `auto_map`,
-    `configuration_cli.py` / `modeling_cli.py` / `processing_cli.py`, tokenizer, processor configs, chat template).
-    """
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    model.save_pretrained(folder, **save_kwargs)
-    processor.save_pretrained(folder)
-    for name in REMOTE_CODE_FILES:  # save_pretrained copies what it reaches; make sure all three are there
-        if not os.path.exists(os.path.join(folder, name)):
-            shutil.copyfile(os.path.join(SOURCE_DIR, name), os.path.join(folder, name))
-    return folder
-
-
-def build_tiny_cli_checkpoint(folder: str | os.PathLike, seed: int = 0, **config_overrides) -> str:
-    """Builds a random tiny CLI model + tiny tokenizer + processor and saves them to `folder` (see `save_cli_folder`)."""
-    model, processor = build_tiny_cli(seed, **config_overrides)
-    return save_cli_folder(model, processor, folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -335,41 +105,70 @@ def count_image_markers(messages) -> int:
     return count
 
 
+class EmptyReplyWarning(UserWarning):
+    """A training sample whose assistant replies are all empty: only the end of turn (`<|im_end|>`) is supervised."""
+
+
+def _reply_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(item.get("text", "") for item in content if item.get("type") == "text")
+
+
 def check_sample(sample: dict, name: str, image_root: str | None = None) -> tuple[list, list]:
     """
     Validates one `{"messages": [...], "images": [...]}` sample and returns `(messages, images)`, image paths resolved
-    against `image_root`. Raises [`SampleError`] naming the sample for: no/empty conversation, an unknown role, content
-    that is neither text nor a list of items, no assistant reply, image markers and images that differ in number, and
-    image files that do not exist.
+    against `image_root`. Raises [`SampleError`] naming the sample for: no/empty conversation, a message the chat
+    template cannot render (an unknown role, content neither a string nor a list of text/image items, non-string
+    text: `processing_cli.check_chat_messages`), no assistant reply, image sources inside image items, `images` that
+    are not paths / URLs / base64 strings / PIL images / bytes, image markers and images that differ in number, and
+    image files that do not exist. Warns ([`EmptyReplyWarning`]) when every assistant reply is empty.
     """
     if not isinstance(sample, dict):
         raise SampleError(f"{name}: expected a dict with 'messages' and 'images', got {type(sample).__name__}.")
     messages = sample.get("messages")
     if not isinstance(messages, (list, tuple)) or len(messages) == 0:
         raise SampleError(f"{name}: empty conversation (`messages` must be a non-empty list of turns).")
+    try:
+        check_chat_messages(messages, name)
+    except ValueError as error:
+        raise SampleError(str(error)) from None
     for turn, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            role = message.get("role") if isinstance(message, dict) else message
-            raise SampleError(f"{name}: turn {turn} has role {role!r}; roles must be one of {list(ROLES)}.")
-        content = message.get("content")
-        if not isinstance(content, (str, list, tuple)):
-            raise SampleError(f"{name}: turn {turn} content must be a string or a list of items, got {content!r}.")
+        content = message["content"]
         for item in content if not isinstance(content, str) else ():
-            if not isinstance(item, dict) or item.get("type") not in ("text", "image"):
-                raise SampleError(
-                    f"{name}: turn {turn} has an item {item!r}; items must be {{'type': 'text', 'text': ...}} or "
-                    "{'type': 'image'} (CLI trains on images and text only)."
-                )
             if item["type"] == "image" and any(key in item for key in ("image", "url", "path", "base64")):
                 raise SampleError(
-                    f"{name}: turn {turn}: give images in the sample's 'images' list (in order), not inside the "
+                    f"{name}, message {turn}: give images in the sample's 'images' list (in order), not inside the "
                     "image items, which only mark where each image stands."
                 )
-    if not any(message["role"] == "assistant" for message in messages):
+    replies = [message["content"] for message in messages if message["role"] == "assistant"]
+    if not replies:
         raise SampleError(f"{name}: no assistant turn, nothing to train on.")
-    images = sample.get("images") or []
-    if not isinstance(images, (list, tuple)):
+    if not any(_reply_text(reply).strip() for reply in replies):
+        warnings.warn(
+            f"{name}: every assistant reply is empty, so only the end of turn (<|im_end|>) is supervised: the model "
+            "learns to answer nothing.",
+            EmptyReplyWarning,
+            stacklevel=2,
+        )
+    images = sample.get("images")
+    if images is None:
+        images = []
+    elif isinstance(images, (str, os.PathLike, bytes, Image.Image)):
         images = [images]
+    elif not isinstance(images, (list, tuple)):
+        raise SampleError(
+            f"{name}: 'images' must be a list of image paths, URLs or base64 strings (or PIL images), one per image "
+            f"marker; got {type(images).__name__} {_short(images)}."
+        )
+    for index, image in enumerate(images):
+        if not isinstance(image, (str, os.PathLike, bytes, bytearray, Image.Image)) or (
+            isinstance(image, str) and not image.strip()
+        ):
+            raise SampleError(
+                f"{name}: image {index} of 'images' is {type(image).__name__} {_short(image)}; images must be "
+                "paths, URLs or base64 strings (or PIL images / bytes in Python)."
+            )
     markers = count_image_markers(messages)
     if markers != len(images):
         raise SampleError(
@@ -389,22 +188,35 @@ def check_sample(sample: dict, name: str, image_root: str | None = None) -> tupl
     return list(messages), resolved
 
 
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_chat_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[dict]:
     """
     Reads a JSONL file of `{"messages": [...], "images": [paths]}` lines (the TRL / LLaVA chat layout: `messages` are
     `{"role", "content"}` turns, content a string or `[{"type": "image"}, {"type": "text", "text": ...}]`; each image
     item or literal `<image>` marks where the next image of `images` stands). Relative image paths are resolved
     against `image_root` (default: the JSONL's folder). Every line is checked now ([`check_sample`]) so that a bad line
-    fails before training, with its line number; each returned sample carries `"source": "FILE line N"`.
+    fails before training, with its line number (a line that is not UTF-8 or not JSON included); each returned sample
+    carries `"source": "FILE line N"`. A sample whose assistant replies are all empty warns ([`EmptyReplyWarning`]).
     """
     path = os.fspath(path)
     image_root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            name = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise SampleError(
+                    f"{name}: not UTF-8 text (byte {error.start} of the line is {raw[error.start:error.start + 1]!r}); "
+                    "JSONL files must be UTF-8."
+                ) from None
             if not line.strip():
                 continue
-            name = f"{path} line {number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -429,7 +241,10 @@ class CLIDataCollator:
     Labels: the tokens the chat template marks as the assistant's reply (`{% generation %}`: the reply's text, its
     `<|im_end|>` and the newline after it, as LLaVA-NeXT's `preprocess_qwen` trains) keep their ids; the system and user
     turns, the `<|im_start|>assistant\\n` headers, image tokens and padding are `-100`. The model also reads `labels`
-    to keep supervised positions out of AGF's context.
+    to keep supervised positions out of AGF's context. Every sample must keep at least one supervised token: one
+    without raises [`SampleError`] naming it, so a batch never reaches the model with all labels `-100` (its loss
+    would be NaN, which the Trainer logs as 0.0). An empty reply still supervises its `<|im_end|>` (and warns,
+    [`EmptyReplyWarning`]).
 
     Args:
         processor ([`CLIProcessor`]): the model's processor.
@@ -456,7 +271,7 @@ class CLIDataCollator:
             try:
                 loaded.append(self.processor.image_processor.fetch_images(image))
             except (ValueError, OSError) as error:
-                raise SampleError(f"{name}: cannot load image {image!r}: {error}") from error
+                raise SampleError(f"{name}: cannot load image {_short(image)}: {error}") from error
         return loaded
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -491,7 +306,10 @@ class CLIDataCollator:
         expected_tokens = is_image.sum(dim=1)
         for index, name in enumerate(names):
             if not supervised[index].any():
-                raise SampleError(f"{names[index]}: no supervised token (the assistant replies are empty).")
+                raise SampleError(
+                    f"{name}: no supervised token (the chat template marked no assistant reply), so its labels would "
+                    "all be -100."
+                )
             if num_images[index] == 0 and expected_tokens[index] > 0:
                 raise SampleError(f"{name}: the text holds {IMAGE_TOKEN} tokens but the sample has no image.")
         if self.max_length is not None and int(lengths.max()) > self.max_length:
@@ -551,96 +369,6 @@ def trainable_summary(model) -> dict[str, tuple[int, int]]:
         counts[1] += param.numel()
         counts[0] += param.numel() if param.requires_grad else 0
     return {group: tuple(counts) for group, counts in summary.items()}
-
-
-# CLI-7B: LLaVA-OneVision-Qwen2-7B (SigLIP-so400m-patch14-384 without its last layer, mlp2x_gelu, Qwen2-7B) with AMP on
-# vision layers RANGE-1-28-4 and AGF before decoder layers RANGE-1-28-4 (the model card's setting).
-CLI_7B_VISION_CONFIG = dict(
-    model_type="siglip_vision_model",
-    hidden_size=1152,
-    intermediate_size=4304,
-    num_hidden_layers=26,
-    num_attention_heads=16,
-    image_size=384,
-    patch_size=14,
-    hidden_act="gelu_pytorch_tanh",
-    layer_norm_eps=1e-6,
-    vision_use_head=False,
-)
-CLI_7B_TEXT_CONFIG = dict(
-    model_type="qwen2",
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    vocab_size=152064,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
-
-
-def cli_7b_config(**overrides) -> CLIConfig:
-    """The CLI-7B configuration (no weights needed), e.g. to count parameters on the meta device."""
-    kwargs = dict(
-        vision_config=CLI_7B_VISION_CONFIG,
-        text_config=CLI_7B_TEXT_CONFIG,
-        image_token_index=151646,
-        video_token_index=151647,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_9",
-        projector_hidden_act="gelu",
-        multimodal_projector_bias=True,
-        tie_word_embeddings=False,
-        vision_extraction_layers="RANGE-1-28-4",
-        llm_injection_layers="RANGE-1-28-4",
-    )
-    kwargs.update(overrides)
-    return CLIConfig(**kwargs)
-
-
-def summary_7b(trainable: str = "cli", lora_rank: int | None = None, **config_overrides) -> dict[str, tuple[int, int]]:
-    """
-    The trainable-parameter summary of CLI-7B for `set_trainable(trainable)`, computed from the configuration alone
-    (the model is built on the meta device: no memory, no weights). With `lora_rank`, instead: LoRA of that rank on the
-    LLM's decoder projections + AMP/AGF as PEFT `modules_to_save` ([`cli_peft_config`]).
-    """
-    with torch.device("meta"):
-        model = CLIForConditionalGeneration(cli_7b_config(**config_overrides))
-    if lora_rank is None:
-        return model.set_trainable(trainable, verbose=False)
-    from peft import get_peft_model
-
-    model.set_trainable("cli", verbose=False)
-    with torch.device("meta"):
-        peft_model = get_peft_model(model, cli_peft_config(model, r=lora_rank, lora_alpha=2 * lora_rank))
-    return trainable_summary(peft_model)
-
-
-def format_summary_table(summaries: dict[str, dict[str, tuple[int, int]]]) -> str:
-    """One column of trainable counts per setting (`{setting: {group: (trainable, total)}}`) beside the totals."""
-    settings = list(summaries)
-    groups = []
-    for summary in summaries.values():
-        groups.extend(group for group in summary if group not in groups)
-    width = max(14, *(len(s) + 2 for s in settings))
-    header = f"{'group':<14}{'total':>16}" + "".join(f"{s:>{width}}" for s in settings)
-    lines = [header, "-" * len(header)]
-    for group in groups:
-        total = max(summary.get(group, (0, 0))[1] for summary in summaries.values())
-        cells = "".join(f"{summary.get(group, (0, 0))[0]:>{width},}" for summary in summaries.values())
-        lines.append(f"{group:<14}{total:>16,}{cells}")
-    grand_total = sum(count[1] for count in next(iter(summaries.values())).values())
-    cells = "".join(f"{sum(c[0] for c in summary.values()):>{width},}" for summary in summaries.values())
-    lines.append(f"{'all':<14}{grand_total:>16,}{cells}")
-    percents = "".join(
-        f"{f'{100 * sum(c[0] for c in summary.values()) / sum(c[1] for c in summary.values()):.2f}%':>{width}}"
-        for summary in summaries.values()
-    )
-    lines.append(f"{'% trainable':<14}{'':>16}{percents}")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -766,6 +494,65 @@ def training_arguments(output_dir, **overrides):
     return TrainingArguments(**kwargs)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def save_cli_folder(model, processor, folder: str | os.PathLike, **save_kwargs) -> str:
+    """
+    Saves model and processor as a self-contained remote-code folder (weights, config with `auto_map`,
+    `configuration_cli.py` / `modeling_cli.py` / `processing_cli.py`, tokenizer, processor configs, chat template).
+
+    The folder is then tidied ([`tidy_saved_folder`]): the tokenizer files carry no loader or call state
+    (`is_local`, `local_files_only`, ...) and the weights get the permissions of the folder's other files.
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, **save_kwargs)
+    processor.save_pretrained(folder)
+    for name in REMOTE_CODE_FILES:  # save_pretrained copies what it reaches; make sure all three are there
+        if not os.path.exists(os.path.join(folder, name)):
+            shutil.copyfile(os.path.join(SOURCE_DIR, name), os.path.join(folder, name))
+    tidy_saved_folder(folder)
+    return folder
+
+
+def _new_file_mode(folder: str) -> int:
+    """The permission bits an ordinary new file gets here (`0o666` less the umask), read off a probe file."""
+    probe = os.path.join(folder, f".mode-probe-{os.getpid()}")
+    descriptor = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return os.fstat(descriptor).st_mode & 0o777
+    finally:
+        os.close(descriptor)
+        os.remove(probe)
+
+
+def tidy_saved_folder(folder: str | os.PathLike) -> list[str]:
+    """
+    Tidies a folder written by `save_pretrained`, in place; returns what it changed:
+
+    - `processing_cli.strip_tokenizer_runtime_state`: no `is_local`, `local_files_only` or other loader / call state
+      in `tokenizer_config.json` and `tokenizer.json` (a processor loaded as remote code from an older folder saves
+      with that folder's code, so this runs again here);
+    - `*.safetensors` files get the permissions an ordinary new file gets (`0o666` less the umask, like
+      `config.json`): safetensors >= 0.8 writes through a temporary file created with mode 0600 and renames it,
+      which would leave the weights readable by their owner alone.
+    """
+    folder = os.fspath(folder)
+    changed = strip_tokenizer_runtime_state(folder)
+    weights = [name for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")]
+    if weights:
+        mode = _new_file_mode(folder)
+        for name in weights:
+            path = os.path.join(folder, name)
+            if os.stat(path).st_mode & 0o777 != mode:
+                os.chmod(path, mode)
+                changed.append(f"{name}: mode {mode:o}")
+    return changed
+
+
 def copy_remote_code(folder: str | os.PathLike) -> list[str]:
     """Copies the repository's `configuration_cli.py`, `modeling_cli.py`, `processing_cli.py` into `folder`."""
     copied = []
@@ -784,38 +571,73 @@ def refresh_saved_folder(folder: str | os.PathLike) -> str:
     """
     folder = os.fspath(folder)
     model = CLIForConditionalGeneration.from_pretrained(folder).eval()
-    processor = CLIProcessor.from_pretrained(folder)
+    processor = load_processor(folder)
     save_cli_folder(model, processor, folder)
     copy_remote_code(folder)
     return folder
 
 
+def load_processor(folder: str | os.PathLike) -> CLIProcessor:
+    """
+    The [`CLIProcessor`] of a saved CLI folder built with this repository's classes, not the folder's code copies (so
+    no `trust_remote_code` is involved): its image processor config, its tokenizer (the transformers class named in
+    `tokenizer_config.json`), its chat template and processor settings.
+    """
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    folder = os.fspath(folder)
+
+    def read_json(name):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    tokenizer_class_name = read_json("tokenizer_config.json").get("tokenizer_class")
+    tokenizer_class = tokenizer_class_from_name(tokenizer_class_name) if tokenizer_class_name else None
+    if tokenizer_class is None:
+        raise ValueError(
+            f"{folder}: tokenizer_config.json names no transformers tokenizer class (got {tokenizer_class_name!r})."
+        )
+    settings = read_json("processor_config.json")
+    chat_template = None
+    template_path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(template_path):
+        with open(template_path, encoding="utf-8") as f:
+            chat_template = f.read()
+    return CLIProcessor(
+        image_processor=CLIImageProcessor.from_pretrained(folder),
+        tokenizer=tokenizer_class.from_pretrained(folder),
+        chat_template=chat_template,
+        **{
+            key: settings[key]
+            for key in ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "image_token",
+                        "video_token")
+            if key in settings
+        },
+    )
+
+
 __all__ = [
-    "CLI_7B_TEXT_CONFIG",
-    "CLI_7B_VISION_CONFIG",
     "CLIDataCollator",
+    "EmptyReplyWarning",
     "IGNORE_INDEX",
     "LLM_LORA_TARGET_MODULES",
     "SampleError",
-    "build_tiny_cli",
-    "build_tiny_cli_checkpoint",
-    "build_tiny_tokenizer",
     "check_sample",
-    "cli_7b_config",
     "cli_module_names",
     "cli_peft_config",
     "copy_remote_code",
     "format_loss_curve",
-    "format_summary_table",
     "load_chat_jsonl",
+    "load_processor",
     "loss_curve",
     "loss_printer",
     "quiet_trainer",
     "refresh_saved_folder",
     "save_cli_folder",
-    "summary_7b",
-    "tiny_cli_config",
-    "tiny_processor",
+    "tidy_saved_folder",
     "trainable_summary",
     "training_arguments",
 ]

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 
 def architecture(size_bytes: float) -> tuple[dict, dict]:
@@ -143,22 +143,13 @@ def build_source(folder: Path, size_gb: float, shard_gb: float) -> dict:
 
 def write_qwen2_tokenizer(folder: Path) -> None:
     """
-    The tiny Qwen2-layout tokenizer of tests/tiny_tokenizer.py, written with the `tokenizers` library alone (importing
-    transformers would add seconds to the build step): byte-level BPE, then <|endoftext|>, <|im_start|>, <|im_end|>.
+    The tiny Qwen2-layout tokenizer of `tiny_cli` (byte-level BPE trained by `tokenizers`, then <|endoftext|>,
+    <|im_start|>, <|im_end|>; no <image>, as LLaVA-NeXT saves it), written with the `tokenizers` library alone
+    (importing transformers would add seconds to the build step).
     """
-    from tiny_tokenizer import _PRETOKENIZE_REGEX, CORPUS, NUM_MERGES, SPECIAL_TOKENS, _learn_merges
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tiny_cli import tiny_bpe_tokenizer
 
-    vocab, merges = _learn_merges(CORPUS, NUM_MERGES)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tokenizer.save(str(folder / "tokenizer.json"))
+    tiny_bpe_tokenizer().save(str(folder / "tokenizer.json"))
     config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
               "pad_token": "<|endoftext|>", "unk_token": None, "model_max_length": 32768}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
@@ -166,7 +157,7 @@ def write_qwen2_tokenizer(folder: Path) -> None:
 
 def run_child(command: list[str]) -> dict:
     """Runs a child process; returns its wall time, peak RSS (MB, from wait4) and output."""
-    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:

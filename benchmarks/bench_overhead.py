@@ -137,7 +137,7 @@ def randomize_cli_modules(model, seed: int = 1) -> None:
         for name, param in model.named_parameters():
             if name.endswith("amp.lora_B"):
                 scale = 0.02
-            elif name.endswith("gate_weight"):
+            elif name.endswith("readout_vector"):
                 scale = 1 / math.sqrt(2 * hidden)
             elif name.endswith("gate_bias"):
                 scale = 0.5
@@ -185,12 +185,15 @@ def parse_size(text: str) -> list[tuple[int, int]]:
 
 def crops_scenario(crops: int) -> dict:
     """
-    A single image seen as `crops` vision-tower crops. crops >= 2: an image of `rows x cols` tiles, `rows * cols =
-    crops - 1` as square as possible, plus the base view. crops == 1: the base view alone, which is how LLaVA-OV encodes
-    each image of a multi-image prompt (selected by `batch_num_images` > 1 for the sample).
+    A single image seen as `crops` vision-tower crops: an image of `rows x cols` tiles, `rows * cols = crops - 1` as
+    square as possible, plus the base view. A single image always has its base view and at least one tile (crops >= 2);
+    one crop per image is how LLaVA-OV encodes each image of a multi-image prompt (`--sizes 384x384+384x384`).
     """
-    if crops == 1:
-        return dict(name="crops=1", images=[(REAL_TILE, REAL_TILE)], base_view_only=True)
+    if crops < 2:
+        raise ValueError(
+            f"--crops {crops}: a single image has its base view plus at least one tile (crops >= 2); for one crop per "
+            "image use a multi-image prompt, e.g. --sizes 384x384+384x384."
+        )
     tiles = crops - 1
     rows = max(r for r in range(1, int(math.isqrt(tiles)) + 1) if tiles % r == 0)
     cols = tiles // rows
@@ -220,9 +223,8 @@ def build_inputs(model, scenario: dict, batch_size: int, device: str, dtype: tor
         n = crops[i % num_images]
         pixel_values[i, :n] = torch.rand((n, 3, tile, tile), generator=generator) * 2 - 1
     image_sizes = torch.tensor(sizes * batch_size, dtype=torch.long)
-    # multi-image mode (base view per image) is what `batch_num_images > 1` selects; a one-image sample in that mode
-    # says 2 (only n == 1 selects anyres): the model reads nothing else from it
-    per_sample = max(num_images, 2) if scenario["base_view_only"] else num_images
+    # multi-image mode (base view per image) is what `batch_num_images > 1` selects
+    per_sample = num_images
     batch_num_images = torch.full((batch_size,), per_sample, dtype=torch.long)
     with torch.no_grad():
         features = model.model.get_image_features(
@@ -662,7 +664,7 @@ def parse_args(argv=None):
     parser.add_argument("--sizes", default="768x768,1200x1600,384x384+384x384",
                         help="comma-separated image sizes HxW in pixels at LLaVA-OV's 384 tile ('+' joins the images "
                              "of a multi-image prompt), run at batch size 1; '' for none")
-    parser.add_argument("--crops", default="1,4,10", help="vision-tower crops per image for the scaling runs; '' none")
+    parser.add_argument("--crops", default="2,4,10", help="vision-tower crops per image for the scaling runs; '' none")
     parser.add_argument("--batch-sizes", default="1,4", help="batch sizes of the --crops runs")
     parser.add_argument("--repeats", type=int, default=3, help="timed generate() calls per variant and case")
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per call (min = max)")

@@ -4,15 +4,17 @@ Chat with a CLI model about one or more images, streaming the answer as it is ge
     python examples/chat.py --model PATH_OR_REPO --image a.jpg --image b.png               # interactive, multi-turn
     python examples/chat.py --model PATH_OR_REPO --image a.jpg --prompt "What is shown?"   # one shot
 
-In the interactive loop, `/image PATH` attaches another image to your next message, `/reset` starts over, and an
-empty line or `/quit` ends. The images given with `--image` go with the first message.
+The images given with `--image` go with the first message. In the interactive loop, `/image PATH` attaches another
+image to your next message, `/reset` starts a new conversation about the `--image` images (they go with your next
+message again; images added with `/image` are dropped), and an empty line or `/quit` ends. An image that cannot be
+read (a wrong path, a broken file) is reported and the chat goes on; at start, it stops with exit code 2.
 """
 
 import argparse
+import sys
 import threading
 
 import torch
-from PIL import Image
 from transformers import AutoModel, AutoProcessor, TextIteratorStreamer
 
 
@@ -20,13 +22,29 @@ def user_message(text: str, images: list) -> dict:
     return {"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}
 
 
+def load_image(processor, source):
+    """The image at `source` (path, URL or base64) through the model's own loader; a `ValueError` names the problem."""
+    try:
+        return processor.image_processor.fetch_images(source)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot open image {source!r}: {error}") from None
+
+
 def stream_reply(model, processor, messages: list, images: list, max_new_tokens: int, do_sample: bool) -> str:
     """Generates the assistant's reply to `messages` (whose image items match `images`), printing it as it streams."""
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=images or None, text=prompt, return_tensors="pt").to(model.device)
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    generation = dict(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample)
-    worker = threading.Thread(target=model.generate, kwargs=generation)
+    failure = []
+
+    def generate():
+        try:
+            model.generate(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample)
+        except Exception as error:  # noqa: BLE001 - handed to the main thread; the streamer must still end
+            failure.append(error)
+            streamer.end()
+
+    worker = threading.Thread(target=generate)
     worker.start()
     pieces = []
     for piece in streamer:
@@ -34,6 +52,8 @@ def stream_reply(model, processor, messages: list, images: list, max_new_tokens:
         pieces.append(piece)
     worker.join()
     print()
+    if failure:
+        raise failure[0]
     return "".join(pieces).strip()
 
 
@@ -50,15 +70,18 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=args.dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    try:
+        start_images = [load_image(processor, path) for path in args.image]
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
 
-    images, pending = [], [Image.open(path) for path in args.image]
-    messages = []
     if args.prompt is not None:
-        messages.append(user_message(args.prompt, pending))
-        stream_reply(model, processor, messages, pending, args.max_new_tokens, args.sample)
+        messages = [user_message(args.prompt, start_images)]
+        stream_reply(model, processor, messages, start_images, args.max_new_tokens, args.sample)
         return
 
     print("Chatting with", args.model, "- /image PATH attaches an image, /reset starts over, empty line quits.")
+    images, pending, messages = [], list(start_images), []
     while True:
         try:
             text = input("you> ").strip()
@@ -67,16 +90,27 @@ def main(argv=None):
         if not text or text == "/quit":
             break
         if text == "/reset":
-            images, pending, messages = [], [], []
+            images, pending, messages = [], list(start_images), []
+            print(f"(new conversation; the {len(start_images)} --image image(s) go with your next message)")
             continue
-        if text.startswith("/image "):
-            pending.append(Image.open(text.removeprefix("/image ").strip()))
+        if text == "/image" or text.startswith("/image "):
+            source = text.removeprefix("/image").strip()
+            try:
+                pending.append(load_image(processor, source))
+            except ValueError as error:
+                print(f"({error}; nothing attached)")
+                continue
+            print(f"({len(pending)} image(s) will go with your next message)")
             continue
-        messages.append(user_message(text, pending))
-        images, pending = images + pending, []
+        turn = user_message(text, pending)
         print("cli> ", end="", flush=True)
-        reply = stream_reply(model, processor, messages, images, args.max_new_tokens, args.sample)
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
+        try:
+            reply = stream_reply(model, processor, messages + [turn], images + pending, args.max_new_tokens, args.sample)
+        except ValueError as error:
+            print(f"(cannot answer: {error}; the message was dropped)", file=sys.stderr)
+            continue
+        messages += [turn, {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
+        images, pending = images + pending, []
 
 
 if __name__ == "__main__":

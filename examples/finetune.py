@@ -35,6 +35,7 @@ for path in (os.path.join(HERE, "shapes"), ROOT):  # the shapes helpers; the rep
 
 import torch  # noqa: E402
 
+import tiny_cli  # noqa: E402
 import training_cli  # noqa: E402
 
 SHAPES_MODEL_DIR = os.path.join(HERE, "shapes", "model")
@@ -85,14 +86,14 @@ def parse_args(argv=None):
 
 
 def print_summary_7b():
-    summaries = {mode: training_cli.summary_7b(mode) for mode in ("cli", "cli+projector", "cli+llm", "all")}
+    summaries = {mode: tiny_cli.summary_7b(mode) for mode in ("cli", "cli+projector", "cli+llm", "all")}
     try:
-        summaries["lora16+cli"] = training_cli.summary_7b(lora_rank=16)
+        summaries["lora16+cli"] = tiny_cli.summary_7b(lora_rank=16)
     except ImportError:  # peft is optional
         pass
     print("CLI-7B (LLaVA-OneVision-Qwen2-7B + AMP on vision layers RANGE-1-28-4, AGF before LLM layers RANGE-1-28-4),")
     print("trainable parameters per setting (computed on the meta device from the configuration alone):\n")
-    print(training_cli.format_summary_table(summaries))
+    print(tiny_cli.format_summary_table(summaries))
 
 
 def answer(model, processor, messages, images, max_new_tokens=8) -> str:
@@ -112,20 +113,29 @@ def answer(model, processor, messages, images, max_new_tokens=8) -> str:
 
 
 def finetune(args):
+    """
+    Fine-tunes and saves to `--output`. The demo's base model and generated data, and the Trainer's run folder, live in
+    a temporary folder that is removed at the end: the output folder holds the fine-tuned model alone.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cli-finetune-") as work:
+        return _finetune(args, work)
+
+
+def _finetune(args, work):
     from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, set_seed
 
     demo = args.model is None
     output = args.output or os.path.join(HERE, "_cache", "finetuned")
-    work = os.path.join(output, "_work")
-    os.makedirs(work, exist_ok=True)
     if args.model is None:
-        args.model = training_cli.build_tiny_cli_checkpoint(os.path.join(work, "tiny-cli-base"), seed=args.seed)
-        print(f"built a tiny random CLI model: {args.model}")
+        args.model = tiny_cli.build_tiny_cli_checkpoint(os.path.join(work, "tiny-cli-base"), seed=args.seed)
+        print(f"built a tiny random CLI model (temporary, removed at the end): {args.model}")
     if args.data is None:
         from shapes_data import write_jsonl
 
         args.data = write_jsonl(os.path.join(work, "data"), args.num_examples, seed=args.seed)
-        print(f"generated {args.num_examples} shapes examples: {args.data}")
+        print(f"generated {args.num_examples} shapes examples (temporary): {args.data}")
     epochs = args.epochs if args.epochs is not None else (4 if demo else 3)
     lr = args.lr if args.lr is not None else (1e-2 if demo else 1e-4)
     batch_size = args.batch_size or (8 if demo else 4)
@@ -149,7 +159,7 @@ def finetune(args):
     trainer = Trainer(
         model=model,
         args=training_cli.training_arguments(
-            work,
+            os.path.join(work, "run"),
             per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=args.grad_accum,
             num_train_epochs=epochs,
@@ -199,7 +209,7 @@ def train_shapes(args):
     output = args.output or SHAPES_MODEL_DIR
     torch.set_num_threads(recipe["num_threads"])
     set_seed(recipe["seed"])
-    model, processor = training_cli.build_tiny_cli(
+    model, processor = tiny_cli.build_tiny_cli(
         seed=recipe["model_seed"], patch_size=CELL, text_config={"initializer_range": recipe["text_initializer_range"]}
     )
     model.set_trainable("all", verbose=False)

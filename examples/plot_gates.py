@@ -4,6 +4,8 @@ which vision layers each LLM layer draws on.
 
     python examples/plot_gates.py --model PATH_OR_REPO --images a.jpg b.png --question "What is shown?" --output gates.png
 
+The default output is cli_gate_map.png (the quickstart writes cli_gates.png, so the two never overwrite each other).
+
 Needs matplotlib (`pip install -e ".[plot]"`).
 """
 
@@ -100,7 +102,7 @@ def main(argv=None):
     parser.add_argument("--model", required=True, help="a CLI checkpoint folder or Hub repo id")
     parser.add_argument("--images", nargs="+", required=True, help="image files; the map averages over them")
     parser.add_argument("--question", default="Describe the image.")
-    parser.add_argument("--output", default="cli_gates.png")
+    parser.add_argument("--output", default="cli_gate_map.png", help="PNG to write (default: cli_gate_map.png)")
     args = parser.parse_args(argv)
 
     from transformers import AutoModel, AutoProcessor

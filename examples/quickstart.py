@@ -34,7 +34,7 @@ def default_model(tiny_random: bool) -> str:
         return SHAPES_MODEL
     if not os.path.exists(os.path.join(TINY_RANDOM_MODEL, "config.json")):
         sys.path.insert(0, os.path.dirname(EXAMPLES))
-        from training_cli import build_tiny_cli_checkpoint
+        from tiny_cli import build_tiny_cli_checkpoint
 
         print(f"Building a tiny random CLI checkpoint in {TINY_RANDOM_MODEL} (once) ...", flush=True)
         build_tiny_cli_checkpoint(TINY_RANDOM_MODEL)

@@ -142,11 +142,11 @@ def fork_config(model, pinpoints: str = "string", layers=("RANGE-1-6-2", "1,3"))
     return config
 
 
-def write_tokenizer(folder: Path) -> None:
+def write_tokenizer(folder: Path):
     """The source's tokenizer: Qwen2-like, without <image>/<video> (LLaVA-NeXT adds none to the saved tokenizer)."""
-    from tiny_tokenizer import build_tiny_qwen2_tokenizer
+    from tiny_cli import build_tiny_tokenizer
 
-    build_tiny_qwen2_tokenizer(folder, add_multimodal_tokens=False)
+    return build_tiny_tokenizer(folder, add_multimodal_tokens=False)
 
 
 def make_fork_checkpoint(
@@ -166,8 +166,9 @@ def make_fork_checkpoint(
     tensors.update(extra or {})
     save_tensors(folder, tensors, num_shards)
     (folder / "config.json").write_text(json.dumps(fork_config(model, pinpoints, layers), indent=2))
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": None, "eos_token_id": 529}))
-    write_tokenizer(folder)
+    tokenizer = write_tokenizer(folder)
+    eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": None, "eos_token_id": eos_token_id}))
     return folder
 
 
@@ -186,9 +187,9 @@ def make_llava_hf_checkpoint(folder: Path, model, legacy: bool) -> Path:
     if legacy:  # the 4.x spelling of the rope settings
         config["text_config"]["rope_theta"] = config["text_config"].pop("rope_parameters")["rope_theta"]
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    from tiny_tokenizer import build_tiny_qwen2_tokenizer
+    from tiny_cli import build_tiny_tokenizer
 
-    build_tiny_qwen2_tokenizer(folder, add_multimodal_tokens=True)
+    build_tiny_tokenizer(folder, add_multimodal_tokens=True)
     return folder
 
 

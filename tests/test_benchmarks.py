@@ -22,7 +22,7 @@ def report(tmp_path_factory):
     """Runs the script's entry point in this process (the interpreter's torch / transformers imports are shared)."""
     out = tmp_path_factory.mktemp("bench") / "report.json"
     argv = [
-        "--tiny", "--repeats", "1", "--json", str(out), "--crops", "1,4", "--batch-sizes", "2",
+        "--tiny", "--repeats", "1", "--json", str(out), "--crops", "2,4", "--batch-sizes", "2",
         "--sizes", "384x384+600x900", "--variants", ",".join(VARIANTS), "--profile-repeats", "1",
         "--threads", "1",  # tiny matmuls: one thread is fastest, and steady on a shared machine
     ]
@@ -62,7 +62,7 @@ def test_report_header(report):
 
 def test_every_case_has_sane_figures(report):
     cases = [(r["scenario"], r["batch_size"]) for r in report["results"]]
-    assert cases == [("crops=1", 2), ("crops=4", 2), ("384x384+600x900", 1)]
+    assert cases == [("crops=2", 2), ("crops=4", 2), ("384x384+600x900", 1)]
     for result in report["results"]:
         assert result["crops_per_sample"] >= 1
         assert 0 < result["image_tokens_per_sample"] < result["seq_len"]
@@ -79,8 +79,8 @@ def test_every_case_has_sane_figures(report):
 def test_crop_scaling_and_multi_image_token_counts(report):
     by_case = {(r["scenario"], r["batch_size"]): r for r in report["results"]}
     side = report["dims"]["image_size"] // report["dims"]["patch_size"]
-    assert by_case[("crops=1", 2)]["crops_per_sample"] == 1
-    assert by_case[("crops=1", 2)]["image_tokens_per_sample"] == side * side + 1  # base view + one newline
+    assert by_case[("crops=2", 2)]["crops_per_sample"] == 2  # one tile + the base view
+    assert by_case[("crops=2", 2)]["image_tokens_per_sample"] == side * side + side * (side + 1)
     assert by_case[("crops=4", 2)]["crops_per_sample"] == 4  # 1 x 3 tiles + the base view
     assert by_case[("crops=4", 2)]["image_tokens_per_sample"] == side * side + side * (3 * side + 1)
     assert by_case[("384x384+600x900", 1)]["crops_per_sample"] == 2  # multi-image: the base view of each image
@@ -98,7 +98,7 @@ def test_flops_and_memory_floor(report):
         assert result["memory_floor_bytes"] > 0 and result["memory_floor_ratio"] > 1
     # more image tokens -> more extra FLOPs, more memory floor
     by_case = {(r["scenario"], r["batch_size"]): r for r in report["results"]}
-    small, large = by_case[("crops=1", 2)], by_case[("crops=4", 2)]
+    small, large = by_case[("crops=2", 2)], by_case[("crops=4", 2)]
     assert large["flops"]["cli_extra"]["total"] > small["flops"]["cli_extra"]["total"]
     assert large["memory_floor_bytes"] > small["memory_floor_bytes"]
 

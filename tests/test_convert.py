@@ -25,14 +25,16 @@ from _helpers_convert import (
 )
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tiny_cli import build_tiny_tokenizer
 from tiny_models import native_twin, randomize_cli_modules
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 import convert_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 544  # the tiny tokenizer has 530 tokens; <image> = 530, <video> = 531
-IMAGE_ID = 530
+SOURCE_TOKENIZER = build_tiny_tokenizer(add_multimodal_tokens=False)  # what the synthetic sources carry
+IMAGE_ID = len(SOURCE_TOKENIZER)  # the converter appends <image> (then <video>) to it, as LLaVA-NeXT does
+VOCAB = IMAGE_ID + 14  # embedding rows beyond the tokenizer, as Qwen2's 152064 > 151646
 # (height, width) sizes where LLaVA-NeXT's truncating unpad and transformers' rounding agree (see test_modeling.py)
 SIZES = [(28, 28), (50, 90), (168, 168)]
 
@@ -100,7 +102,8 @@ def test_fork_fp32_single_file_matches_native(fork_fp32, untied, tmp_path):
     assert config["image_token_index"] == IMAGE_ID and config["video_token_index"] == IMAGE_ID + 1
     assert config["dtype"] == "float32"
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == 529 and generation["pad_token_id"] == 527  # <|im_end|>, <|endoftext|>
+    assert generation["eos_token_id"] == SOURCE_TOKENIZER.convert_tokens_to_ids("<|im_end|>")
+    assert generation["pad_token_id"] == SOURCE_TOKENIZER.convert_tokens_to_ids("<|endoftext|>")
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n")
     assert "- custom_code" in card and "trust_remote_code=True" in card and "[1, 3, 5]" in card
@@ -109,7 +112,7 @@ def test_fork_fp32_single_file_matches_native(fork_fp32, untied, tmp_path):
     weights = read_weights(out)
     assert all(weights[k].dtype == torch.float32 for k in weights)
     for name, tensor in weights.items():
-        if name.endswith(("gate_weight", "gate_bias", "amp.lora_B")):
+        if name.endswith(("readout_vector", "gate_bias", "amp.lora_B")):
             assert torch.count_nonzero(tensor) == 0, name
 
     converted, native = load_converted(out), native_twin(untied)
@@ -194,8 +197,8 @@ def test_dtype_option_casts(fork_fp32, tmp_path):
 KEY_MAP = [
     [r"model\.cli\.amp\.(\d+)\.lora_A\.weight", r"model.amp.lora_A[@\1]"],
     [r"model\.cli\.amp\.(\d+)\.lora_B\.weight", r"model.amp.lora_B[@\1]"],
-    [r"model\.cli\.agf\.(\d+)\.query_v", r"model.language_model.agf.{inj:\1}.vision_query"],
-    [r"model\.cli\.agf\.(\d+)\.query_h", r"model.language_model.agf.{inj:\1}.context_query"],
+    [r"model\.cli\.agf\.(\d+)\.query_v", r"model.language_model.agf.{inj:\1}.vision_attention.query_vector"],
+    [r"model\.cli\.agf\.(\d+)\.query_h", r"model.language_model.agf.{inj:\1}.context_attention.query_vector"],
     [r"model\.cli\.agf\.(\d+)\.mha_v\.in_proj_(weight|bias)",
      [r"model.language_model.agf.{inj:\1}.vision_attention.query_\2",
       r"model.language_model.agf.{inj:\1}.vision_attention.key_\2",
@@ -208,7 +211,10 @@ KEY_MAP = [
       r"model.language_model.agf.{inj:\1}.context_attention.value_\2"]],
     [r"model\.cli\.agf\.(\d+)\.mha_h\.out_proj\.(weight|bias)",
      r"model.language_model.agf.{inj:\1}.context_attention.output_\2"],
-    [r"model\.cli\.agf\.(\d+)\.gate_(weight|bias)", r"model.language_model.agf.{inj:\1}.gate_\2"],
+    [r"model\.cli\.agf\.(\d+)\.gate_weight",
+     [r"model.language_model.agf.{inj:\1}.vision_attention.readout_vector",
+      r"model.language_model.agf.{inj:\1}.context_attention.readout_vector"]],
+    [r"model\.cli\.agf\.(\d+)\.gate_bias", r"model.language_model.agf.{inj:\1}.gate_bias"],
     [r"model\.cli\.agf\.(\d+)\.num_updates", None],
 ]
 
@@ -222,15 +228,16 @@ def fork_cli_tensors(model) -> dict[str, torch.Tensor]:
         tensors[f"model.cli.amp.{layer}.lora_B.weight"] = state["model.amp.lora_B"][slot].clone()
     for position, layer in enumerate(config.llm_injection_layers):  # numbered 0..J-1
         prefix = f"model.language_model.agf.{layer}."
-        tensors[f"model.cli.agf.{position}.query_v"] = state[prefix + "vision_query"]
-        tensors[f"model.cli.agf.{position}.query_h"] = state[prefix + "context_query"]
+        tensors[f"model.cli.agf.{position}.query_v"] = state[prefix + "vision_attention.query_vector"]
+        tensors[f"model.cli.agf.{position}.query_h"] = state[prefix + "context_attention.query_vector"]
         for short, name in (("v", "vision_attention"), ("h", "context_attention")):
             for kind in ("weight", "bias"):
                 fused = torch.cat([state[f"{prefix}{name}.{p}_{kind}"] for p in ("query", "key", "value")])
                 tensors[f"model.cli.agf.{position}.mha_{short}.in_proj_{kind}"] = fused
                 output = state[f"{prefix}{name}.output_{kind}"]
                 tensors[f"model.cli.agf.{position}.mha_{short}.out_proj.{kind}"] = output
-        tensors[f"model.cli.agf.{position}.gate_weight"] = state[prefix + "gate_weight"]
+        readouts = [state[f"{prefix}{name}.readout_vector"] for name in ("vision_attention", "context_attention")]
+        tensors[f"model.cli.agf.{position}.gate_weight"] = torch.cat(readouts)  # one Linear(2d, 1)-like vector
         tensors[f"model.cli.agf.{position}.gate_bias"] = state[prefix + "gate_bias"]
         tensors[f"model.cli.agf.{position}.num_updates"] = torch.tensor(1000)
     return {k: v.contiguous() for k, v in tensors.items()}

@@ -103,7 +103,7 @@ def test_image_tokens_after_a_cached_prefix_are_refused(model_and_inputs):
     cli, inputs, _ = model_and_inputs
     with torch.no_grad():
         prefix = cli(input_ids=inputs["input_ids"][:, :2], use_cache=True)
-        with pytest.raises(ValueError, match="prefilled in one forward pass"):
+        with pytest.raises(ValueError, match="continues a cache of 2 tokens.*prefilled from an empty cache"):
             cli(**{**inputs, "input_ids": inputs["input_ids"][:, 2:]}, past_key_values=prefix.past_key_values)
 
 

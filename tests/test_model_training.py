@@ -60,7 +60,7 @@ def test_fresh_cli_modules_get_gradients_through_the_zero_gates():
     cli.train()
     _, gradients = cli_gradients(cli, inputs, answer_labels(inputs["input_ids"]))
     for name, grad in gradients.items():
-        if name.endswith(("gate_weight", "gate_bias")):
+        if name.endswith(("readout_vector", "gate_bias")):
             assert grad.abs().max() > 0, name
 
 

@@ -38,10 +38,12 @@ def prompt(num_image_tokens, before=(1, 2, 3), after=(4, 5, 6, 7)):
     return list(before) + [IMAGE_TOKEN_ID] * num_image_tokens + list(after)
 
 
-@pytest.fixture(scope="module")
-def models():
+@pytest.fixture(scope="module", params=["attention", "folded"])
+def models(request):
+    """A fresh CLI model (zero gates) in either AGF form, and its native twin: the identity tests run for both."""
     cli = tiny_cli_model()
-    return cli, native_twin(cli)
+    native = native_twin(cli)
+    return (cli.fold_agf() if request.param == "folded" else cli), native
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +133,11 @@ def test_identity_at_init_left_padded_batch(models):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def reference_attention(attention, query_vector, tokens):
-    """Standard, unfolded multi-head attention of one query over `tokens` (T, d), with torch's implementation."""
-    d = query_vector.shape[0]
+def reference_attention(attention, tokens):
+    """Standard, unfolded multi-head attention of the module's query over `tokens` (T, d), with torch's implementation."""
+    d = attention.query_vector.shape[0]
     output, _ = nn.functional.multi_head_attention_forward(
-        query_vector.view(1, 1, d),
+        attention.query_vector.view(1, 1, d),
         tokens.unsqueeze(1),
         tokens.unsqueeze(1),
         embed_dim_to_check=d,
@@ -161,10 +163,11 @@ def reference_gates(agf, hidden_states, layer_features, image_mask, context_mask
     for b in range(hidden_states.shape[0]):
         if not (token_sample == b).any():
             continue
-        context = reference_attention(agf.context_attention, agf.context_query, hidden_states[b][context_mask[b]])
+        context = reference_attention(agf.context_attention, hidden_states[b][context_mask[b]])
+        gate_weight = torch.cat([agf.vision_attention.readout_vector, agf.context_attention.readout_vector])
         for k in range(layer_features.shape[0]):
-            vision = reference_attention(agf.vision_attention, agf.vision_query, layer_features[k][token_sample == b])
-            gates[b, k] = torch.tanh(agf.gate_weight @ torch.cat([vision, context]) + agf.gate_bias[k])
+            vision = reference_attention(agf.vision_attention, layer_features[k][token_sample == b])
+            gates[b, k] = torch.tanh(gate_weight @ torch.cat([vision, context]) + agf.gate_bias[k])
     return gates
 
 

@@ -9,14 +9,14 @@ import torch
 from PIL import Image
 from processing_cli import CLIImageProcessor, CLIProcessor
 from test_remote_code import run_offline
+from tiny_cli import build_tiny_tokenizer
 from tiny_models import IMAGE_SIZE, PINPOINTS, randomize_cli_modules, tiny_cli_model
-from tiny_tokenizer import build_tiny_qwen2_tokenizer
 
 QUESTION = "What is in the picture?"
 
 
 def tiny_processor():
-    tokenizer = build_tiny_qwen2_tokenizer()
+    tokenizer = build_tiny_tokenizer()
     image_processor = CLIImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_grid_pinpoints=PINPOINTS,

@@ -8,7 +8,7 @@ from configuration_cli import CLIConfig
 from modeling_cli import CLIModel
 from PIL import Image
 from processing_cli import CLIImageProcessor, CLIProcessor
-from tiny_tokenizer import build_tiny_qwen2_tokenizer
+from tiny_cli import build_tiny_tokenizer
 from transformers.image_processing_utils import select_best_resolution
 
 # Sizes (height, width) where LLaVA-NeXT's truncating unpad and transformers' rounding give different token counts
@@ -19,7 +19,7 @@ ORDINARY_SIZES = [(1, 1), (384, 384), (500, 333), (300, 4000), (1600, 1200)]
 
 @pytest.fixture(scope="module")
 def processor_and_model():
-    tokenizer = build_tiny_qwen2_tokenizer()
+    tokenizer = build_tiny_tokenizer()
     processor = CLIProcessor(image_processor=CLIImageProcessor(), tokenizer=tokenizer)
     config = CLIConfig(
         vision_config=dict(

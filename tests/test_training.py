@@ -1,7 +1,7 @@
 """
 Training CLI: the chat data collator (template, label masking, bad inputs), Trainer steps that move only AMP/AGF,
 AGF never reading supervised positions, activation checkpointing, save -> offline remote-code reload, PEFT LoRA + CLI
-modules (save, reload, merge), the CLI-7B parameter table, and the shipped shapes model.
+modules (save, reload, merge), and the shipped shapes model.
 """
 
 import json
@@ -23,6 +23,7 @@ for path in (str(ROOT), str(SHAPES_DIR), str(ROOT / "examples")):
         sys.path.insert(0, path)
 
 import shapes_data  # noqa: E402
+import tiny_cli  # noqa: E402
 import training_cli  # noqa: E402
 from tiny_models import randomize_cli_modules  # noqa: E402
 from training_cli import IGNORE_INDEX, CLIDataCollator, SampleError  # noqa: E402
@@ -39,7 +40,7 @@ def is_cli_parameter(name):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, processor = training_cli.build_tiny_cli(seed=0)
+    model, processor = tiny_cli.build_tiny_cli(seed=0)
     randomize_cli_modules(model)
     return model, processor
 
@@ -165,7 +166,7 @@ def test_jsonl_loading_and_bad_inputs_name_the_line(tmp_path, tiny):
         ),
         "empty conversation": ({"messages": [], "images": []}, r"line 2: empty conversation"),
         "no reply": ({"messages": [user(text("Hi"))], "images": []}, r"line 2: no assistant turn"),
-        "bad role": ({"messages": [{"role": "robot", "content": "x"}], "images": []}, r"line 2: turn 0 has role 'robot'"),
+        "bad role": ({"messages": [{"role": "robot", "content": "x"}], "images": []}, r"line 2, message 0 has role 'robot'; roles must be one of"),
         "not json": ("{not json", r"line 2: not valid JSON"),
     }
     for name, (record, message) in cases.items():
@@ -214,7 +215,7 @@ def test_max_length_errors_or_truncates_text_never_image_tokens(tiny, examples):
 def test_trainer_lowers_the_loss_and_moves_only_amp_and_agf(tmp_path, examples):
     from transformers import Trainer
 
-    model, processor = training_cli.build_tiny_cli(seed=1)
+    model, processor = tiny_cli.build_tiny_cli(seed=1)
     summary = model.set_trainable("cli", verbose=False)
     assert summary["llm"][0] == summary["vision_tower"][0] == summary["projector"][0] == 0
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -307,7 +308,7 @@ def run_offline(code, cwd):
 def test_fine_tuned_folder_reloads_offline_as_remote_code_with_the_same_logits(tmp_path, examples):
     from transformers import Trainer
 
-    model, processor = training_cli.build_tiny_cli(seed=2)
+    model, processor = tiny_cli.build_tiny_cli(seed=2)
     model.set_trainable("cli", verbose=False)
     collator = CLIDataCollator(processor)
     Trainer(
@@ -354,7 +355,7 @@ def test_fine_tuned_folder_reloads_offline_as_remote_code_with_the_same_logits(t
 def test_peft_lora_on_the_llm_with_cli_modules_trains_saves_reloads_and_merges(tmp_path, examples):
     from peft import PeftModel, get_peft_model
 
-    model, processor = training_cli.build_tiny_cli(seed=4)
+    model, processor = tiny_cli.build_tiny_cli(seed=4)
     randomize_cli_modules(model, seed=5)
     config = training_cli.cli_peft_config(model, r=4, lora_alpha=8)
     assert sorted(config.modules_to_save) == ["model.amp", "model.language_model.agf.1", "model.language_model.agf.2"]
@@ -389,7 +390,7 @@ def test_peft_lora_on_the_llm_with_cli_modules_trains_saves_reloads_and_merges(t
         expected = peft_model(**batch, output_gate_weights=True)
     peft_model.save_pretrained(tmp_path / "adapter")
 
-    base, _ = training_cli.build_tiny_cli(seed=4)
+    base, _ = tiny_cli.build_tiny_cli(seed=4)
     randomize_cli_modules(base, seed=5)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     with torch.no_grad():
@@ -413,7 +414,7 @@ def test_peft_lora_on_the_llm_with_cli_modules_trains_saves_reloads_and_merges(t
 
 
 def base_logits(examples, batch):
-    base, _ = training_cli.build_tiny_cli(seed=4)
+    base, _ = tiny_cli.build_tiny_cli(seed=4)
     randomize_cli_modules(base, seed=5)
     with torch.no_grad():
         return base.eval()(**batch).logits
@@ -424,22 +425,8 @@ def base_logits(examples, batch):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_cli_7b_trainable_summary_from_the_config_alone():
-    summary = training_cli.summary_7b("cli")
-    d, dv, r, k, j = 3584, 1152, 16, 7, 7
-    assert summary["amp"] == (k * r * (dv + d),) * 2
-    agf_layer = 2 * d + 2 * 4 * (d * d + d) + 2 * d + k
-    assert summary["agf"] == (j * agf_layer,) * 2
-    assert summary["llm"][0] == summary["vision_tower"][0] == summary["projector"][0] == 0
-    assert summary["llm"][1] == 7_615_616_512  # Qwen2-7B
-    assert summary["projector"][1] == dv * d + d + d * d + d + d  # mlp2x_gelu + image_newline
-    table = training_cli.format_summary_table({"cli": summary, "all": training_cli.summary_7b("all")})
-    assert "agf" in table and "% trainable" in table
-    print(table)
-
-
 def test_cli_module_names_and_lora_targets():
-    model, _ = training_cli.build_tiny_cli(seed=0)
+    model, _ = tiny_cli.build_tiny_cli(seed=0)
     assert training_cli.cli_module_names(model) == ["model.amp", "model.language_model.agf.1", "model.language_model.agf.2"]
     import re
 
@@ -469,6 +456,23 @@ def test_shipped_shapes_model_answers_fresh_questions():
     assert score >= 0.9, (score, per_kind)
     size = sum(f.stat().st_size for f in SHAPES_MODEL.iterdir() if f.is_file())
     assert size < 8e6, size
+
+
+def test_refresh_saved_folder_uses_the_repository_classes_without_prompting(tmp_path):
+    import shutil
+
+    folder = tmp_path / "shapes"
+    shutil.copytree(SHAPES_MODEL, folder)
+    for name in training_cli.REMOTE_CODE_FILES:  # stale copies: what refreshing is for
+        (folder / name).write_text("raise RuntimeError('the folder copy must not run')\n")
+    training_cli.refresh_saved_folder(folder)  # used to ask for trust_remote_code (EOFError without a terminal)
+    for name in ("model.safetensors", "chat_template.jinja", "processor_config.json"):
+        assert (folder / name).read_bytes() == (SHAPES_MODEL / name).read_bytes(), name
+    for name in training_cli.REMOTE_CODE_FILES:
+        assert (folder / name).read_bytes() == (ROOT / name).read_bytes(), name
+    shipped, refreshed = (json.loads((f / "tokenizer.json").read_text()) for f in (SHAPES_MODEL, folder))
+    assert refreshed["model"] == shipped["model"] and refreshed["added_tokens"] == shipped["added_tokens"]
+    assert refreshed["padding"] is None  # the padding state of the shipped file's last call is not kept
 
 
 def test_shapes_recipe_below_target_never_replaces_the_shipped_model(tmp_path, monkeypatch):

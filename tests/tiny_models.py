@@ -81,7 +81,7 @@ def randomize_cli_modules(model, seed: int = 1, scale: float = 0.5) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("amp.lora_B", "gate_weight", "gate_bias")):
+            if name.endswith(("amp.lora_B", "readout_vector", "value_vectors", "gate_bias")):
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
-            elif ".agf." in name and name.endswith("_bias"):
+            elif ".agf." in name and name.endswith(("_bias", "constant")):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)

@@ -13,6 +13,8 @@ so that `generate()` expands them for beams / `num_return_sequences` like the po
 """
 
 import math
+import re
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -21,6 +23,7 @@ from torch import nn
 from transformers import AutoModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
@@ -38,6 +41,13 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+
+# With `device_map="auto"` and offloading, transformers' device map gives LLaVA-OneVision's root parameter
+# `model.image_newline` its own entry, and accelerate's `check_device_map` then warns that the entry names no submodule
+# although it places the parameter correctly (transformers' own LlavaOnevisionForConditionalGeneration warns the same).
+warnings.filterwarnings(
+    "ignore", message=r"The following device_map keys do not match any submodules in the model: \['model\.image_newline'\]"
+)
 
 try:  # loaded as remote code: a package folder
     from .configuration_cli import CLIConfig
@@ -134,76 +144,129 @@ class CLIAdaptiveMultiProjection(nn.Module):
         return updated.view_as(projected_features)
 
 
+def single_query_readout(
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor,
+    score_vectors: torch.Tensor,
+    value_vectors: torch.Tensor,
+    constant: torch.Tensor,
+    score_shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    `sum_h softmax(X u_h + shift_h) . (X z_h) + constant` over each group of tokens: the folded form of
+    `w . MHA(q; X)` (see [`CLISingleQueryAttention`]). One `(tokens, d) x (d, 2 * heads)` matmul; softmax in float32.
+
+    Args:
+        tokens: `(*batch, num_tokens, hidden_size)`.
+        token_mask: bool, broadcastable to `(*batch, num_groups, num_tokens)`: row `m` says which tokens group `m`
+            attends to (each group must have at least one token, or its output is meaningless).
+        score_vectors, value_vectors: `(hidden_size, heads)`, the `u_h` and `z_h`.
+        constant: `(1,)`. score_shift: `(heads,)`, added to every score of a head (it cancels in the softmax).
+
+    Returns:
+        `(*batch, num_groups)` float32.
+    """
+    heads = score_vectors.shape[-1]
+    projections = torch.matmul(tokens, torch.cat([score_vectors, value_vectors], dim=-1)).float()  # (*batch, T, 2H)
+    scores = projections[..., :heads]
+    if score_shift is not None:
+        scores = scores + score_shift.float()
+    scores = scores.transpose(-1, -2).unsqueeze(-3).masked_fill(~token_mask.unsqueeze(-2), torch.finfo(torch.float32).min)
+    weights = scores.softmax(dim=-1)  # (*batch, groups, heads, tokens)
+    values = projections[..., heads:].transpose(-1, -2).unsqueeze(-3)  # (*batch, 1, heads, tokens)
+    return (weights * values).sum(dim=(-1, -2)) + constant.float()
+
+
 class CLISingleQueryAttention(nn.Module):
     """
-    Multi-head attention of a single learned query over sets of tokens, read out along a vector `w`: `w . MHA(q; X)`.
+    AGF's attention form: multi-head attention of one learned query `q` over a set of tokens, read out along a learned
+    vector `w` (its half of the gate's weight): `w . MHA(q; X)`, with `d x d` query/key/value/output projections.
 
-    AGF only uses its attention outputs through the gate's dot product, so the whole attention folds into two
-    projections of the tokens per head (exact algebra, nothing approximated): with `Q = W_q q + b_q`, per head `h`
-    - scores: `softmax(X u_h + Q_h . b_k[h] / sqrt(d_h))` with `u_h = W_k[h]^T Q_h / sqrt(d_h)` (the key bias shifts all
-      scores of a head equally and cancels in the softmax, kept for a literal equivalence);
-    - values read out along `w`: `X z_h` with `z_h = W_v[h]^T (W_o^T w)_h`, plus `c = (W_o^T w) . b_v + w . b_o`;
-    - `w . MHA(q; X) = sum_h softmax(X u_h + shift_h) . (X z_h) + c`.
-    One `(tokens, d) x (d, 2 * heads)` matmul replaces the `(tokens, d) x (d, d)` key and value projections.
+    The gate reads the attention only through `w . MHA(q; X)`, so the whole attention folds into two projections of
+    the tokens per head (exact algebra, nothing approximated): with `Q = W_q q + b_q`, per head `h`
+    - scores `X u_h + shift_h`, `u_h = W_k[h]^T Q_h / sqrt(d_h)`, `shift_h = Q_h . b_k[h] / sqrt(d_h)` (the key bias
+      shifts all scores of a head equally and cancels in the softmax; kept for a literal equivalence);
+    - values read out along `w`: `X z_h`, `z_h = W_v[h]^T (W_o^T w)_h`, plus `c = (W_o^T w) . b_v + w . b_o`.
+    [`fold`] computes them; the forward pass uses them, so it never projects the tokens with a `d x d` matrix.
 
-    The weights follow `nn.Linear` (`y = x W^T + b`) but are held directly (no `nn.Linear` children) because the folded
-    form reads them outside a child's forward: this keeps accelerate's offloading hooks (which load a module's own
-    tensors when its forward runs) and PEFT's `q_proj`-style target lists away from them.
+    Every tensor it uses is its own (none is passed in), as module hooks (accelerate offloading, DeepSpeed ZeRO-3,
+    FSDP, torch's FLOP counter) expect. The weights follow `nn.Linear` (`y = x W^T + b`) but are held directly.
     """
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
+        self.query_vector = nn.Parameter(torch.empty(hidden_size))
+        self.readout_vector = nn.Parameter(torch.zeros(hidden_size))
         for name in ("query", "key", "value", "output"):
             setattr(self, f"{name}_weight", nn.Parameter(torch.empty(hidden_size, hidden_size)))
             setattr(self, f"{name}_bias", nn.Parameter(torch.zeros(hidden_size)))
 
-    def forward(
-        self, query_vector: torch.Tensor, readout: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor
-    ) -> torch.Tensor:
+    def fold(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
-        Args:
-            query_vector: `(hidden_size,)`, the learned query `q`.
-            readout: `(hidden_size,)`, the vector `w` the attention output is read out along.
-            tokens: `(*batch, num_tokens, hidden_size)`.
-            token_mask: bool, broadcastable to `(*batch, num_groups, num_tokens)`: row `m` says which tokens group `m`
-                attends to (each group must have at least one token, or its output is meaningless).
+        The folded vectors, computed in `dtype` (default: the weights' own).
 
         Returns:
-            `(*batch, num_groups)`: `w . MHA(q; tokens of the group)` for every group.
+            `(score_vectors (hidden_size, heads), value_vectors (hidden_size, heads), constant (1,), score_shift
+            (heads,))`.
         """
         heads, head_dim = self.num_heads, self.head_dim
-        query = (self.query_weight @ query_vector + self.query_bias).view(heads, head_dim) * head_dim**-0.5
-        head_readout = (readout @ self.output_weight).view(heads, head_dim)
-        key_fold = torch.einsum("hc,hcd->dh", query, self.key_weight.view(heads, head_dim, -1))
-        value_fold = torch.einsum("hc,hcd->dh", head_readout, self.value_weight.view(heads, head_dim, -1))
-        key_bias_shift = (query * self.key_bias.view(heads, head_dim)).sum(-1)
-        constant = (head_readout.flatten() * self.value_bias).sum() + readout @ self.output_bias
+        weight = {name: param if dtype is None else param.to(dtype) for name, param in self.named_parameters()}
+        query = (weight["query_weight"] @ weight["query_vector"] + weight["query_bias"]).view(heads, head_dim)
+        query = query * head_dim**-0.5
+        head_readout = (weight["readout_vector"] @ weight["output_weight"]).view(heads, head_dim)
+        score_vectors = torch.einsum("hc,hcd->dh", query, weight["key_weight"].view(heads, head_dim, -1))
+        value_vectors = torch.einsum("hc,hcd->dh", head_readout, weight["value_weight"].view(heads, head_dim, -1))
+        score_shift = (query * weight["key_bias"].view(heads, head_dim)).sum(-1)
+        constant = (head_readout.flatten() @ weight["value_bias"] + weight["readout_vector"] @ weight["output_bias"])
+        return score_vectors, value_vectors, constant.view(1), score_shift
 
-        projections = torch.matmul(tokens, torch.cat([key_fold, value_fold], dim=-1)).float()  # (*batch, T, 2 heads)
-        scores = (projections[..., :heads] + key_bias_shift.float()).transpose(-1, -2).unsqueeze(-3)
-        scores = scores.masked_fill(~token_mask.unsqueeze(-2), torch.finfo(torch.float32).min)
-        weights = scores.softmax(dim=-1)  # (*batch, groups, heads, tokens)
-        values = projections[..., heads:].transpose(-1, -2).unsqueeze(-3)  # (*batch, 1, heads, tokens)
-        return (weights * values).sum(dim=(-1, -2)) + constant.float()
+    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """`(*batch, num_tokens, hidden_size)`, mask `(*batch, groups, num_tokens)` -> `(*batch, groups)`: see [`single_query_readout`]."""
+        score_vectors, value_vectors, constant, score_shift = self.fold()
+        return single_query_readout(tokens, token_mask, score_vectors, value_vectors, constant, score_shift)
+
+
+class CLIFoldedSingleQueryAttention(nn.Module):
+    """
+    AGF's folded form (`agf_form="folded"`): only what `w . MHA(q; X)` depends on, per head a score vector `u_h` and
+    a value vector `z_h` (`score_vectors`, `value_vectors`: `(hidden_size, heads)`) and one `constant`:
+    `sum_h softmax(X u_h) . (X z_h) + constant`. `2 * heads * d + 1` numbers instead of `4 d^2 + 6 d`; it computes
+    exactly what [`CLISingleQueryAttention`] computes from its folded vectors (the key-bias shift cancels in the
+    softmax) and trains as the same function class.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.score_vectors = nn.Parameter(torch.empty(hidden_size, num_heads))
+        self.value_vectors = nn.Parameter(torch.zeros(hidden_size, num_heads))
+        self.constant = nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """`(*batch, num_tokens, hidden_size)`, mask `(*batch, groups, num_tokens)` -> `(*batch, groups)`: see [`single_query_readout`]."""
+        return single_query_readout(tokens, token_mask, self.score_vectors, self.value_vectors, self.constant)
+
+
+AGF_ATTENTION_CLASSES = {"attention": CLISingleQueryAttention, "folded": CLIFoldedSingleQueryAttention}
 
 
 class CLIAdaptiveGatingFusion(nn.Module):
     """
     AGF of one injection layer: `g_k = tanh(w . [s_k ; s_h] + c_k)` and `H[image positions] += sum_k g_k V_k`, with
     `s_k = MHA_v(q_v; V_k)` over a sample's image tokens and `s_h = MHA_h(q_h; H[context])` over its context positions.
-    `w` and `c` start at zero, so the injection starts as the identity.
+    `w . [s_k ; s_h] = w_v . s_k + w_h . s_h`: each attention holds its query and its half of `w` (`readout_vector`)
+    and returns its readout; `agf_form` chooses their parameterisation. `w` and `c` start at zero, so the injection
+    starts as the identity.
     """
 
     def __init__(self, config: CLIConfig):
         super().__init__()
         hidden_size = config.text_config.hidden_size
-        self.vision_query = nn.Parameter(torch.empty(hidden_size))
-        self.context_query = nn.Parameter(torch.empty(hidden_size))
-        self.vision_attention = CLISingleQueryAttention(hidden_size, config.agf_num_heads)
-        self.context_attention = CLISingleQueryAttention(hidden_size, config.agf_num_heads)
-        self.gate_weight = nn.Parameter(torch.zeros(2 * hidden_size))
+        attention_class = AGF_ATTENTION_CLASSES[config.agf_form]
+        self.vision_attention = attention_class(hidden_size, config.agf_num_heads)
+        self.context_attention = attention_class(hidden_size, config.agf_num_heads)
         self.gate_bias = nn.Parameter(torch.zeros(len(config.vision_extraction_layers)))
 
     def forward(
@@ -227,11 +290,8 @@ class CLIAdaptiveGatingFusion(nn.Module):
         sample_index, seq_index = image_positions
         samples = torch.arange(hidden_states.shape[0], device=sample_index.device)
         token_in_sample = sample_index[None, :] == samples[:, None]  # (batch, num_image_tokens)
-        vision_gate_weight, context_gate_weight = self.gate_weight.chunk(2)
-        vision_logits = self.vision_attention(self.vision_query, vision_gate_weight, layer_features, token_in_sample)
-        context_logits = self.context_attention(
-            self.context_query, context_gate_weight, hidden_states, context_mask[:, None]
-        )  # (batch, 1)
+        vision_logits = self.vision_attention(layer_features, token_in_sample)  # (K, batch)
+        context_logits = self.context_attention(hidden_states, context_mask[:, None])  # (batch, 1)
         gates = torch.tanh(vision_logits.T + context_logits + self.gate_bias.float())  # (batch, K)
         gates = gates * token_in_sample.any(dim=-1, keepdim=True)
 
@@ -243,6 +303,17 @@ class CLIAdaptiveGatingFusion(nn.Module):
             (sample_index, seq_index), injection.to(hidden_states.dtype), accumulate=True
         )
         return hidden_states, gates.to(hidden_states.dtype)
+
+
+def check_vision_aspect_ratio(vision_aspect_ratio) -> int:
+    """The `N` of `"anyres_max_N"`, LLaVA-OneVision's packing; anything else raises a `ValueError`."""
+    match = re.fullmatch(r"anyres_max_([1-9]\d{0,2})", vision_aspect_ratio if isinstance(vision_aspect_ratio, str) else "")
+    if match is None:
+        raise ValueError(
+            f"`vision_aspect_ratio`={vision_aspect_ratio!r} is not supported: CLI packs images as LLaVA-OneVision does, "
+            "'anyres_max_N' (e.g. 'anyres_max_9')."
+        )
+    return int(match.group(1))
 
 
 def attended_positions(attention_mask, shape: tuple[int, int]) -> torch.Tensor:
@@ -263,7 +334,7 @@ def attended_positions(attention_mask, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def init_cli_module(module: nn.Module, std: float) -> None:
-    """Initialises AMP and AGF so that a fresh CLI model computes exactly its base LLaVA-OneVision."""
+    """Initialises AMP and AGF so that a fresh CLI model computes exactly its base LLaVA-OneVision (zero gates)."""
     if isinstance(module, CLIAdaptiveMultiProjection):
         # the LoRA convention: A like nn.Linear's default, B zero (so the branch starts at zero)
         init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
@@ -272,15 +343,31 @@ def init_cli_module(module: nn.Module, std: float) -> None:
         for name in ("query", "key", "value", "output"):
             init.normal_(getattr(module, f"{name}_weight"), mean=0.0, std=std)
             init.zeros_(getattr(module, f"{name}_bias"))
+        init.normal_(module.query_vector, mean=0.0, std=1 / math.sqrt(module.query_vector.shape[0]))
+        init.zeros_(module.readout_vector)
+    elif isinstance(module, CLIFoldedSingleQueryAttention):
+        # random scores break the symmetry between heads; zero values and constant make the readout (and gate) zero
+        init.normal_(module.score_vectors, mean=0.0, std=std)
+        init.zeros_(module.value_vectors)
+        init.zeros_(module.constant)
     elif isinstance(module, CLIAdaptiveGatingFusion):
-        query_std = 1 / math.sqrt(module.vision_query.shape[0])
-        init.normal_(module.vision_query, mean=0.0, std=query_std)
-        init.normal_(module.context_query, mean=0.0, std=query_std)
-        init.zeros_(module.gate_weight)
         init.zeros_(module.gate_bias)
 
 
-class CLIPreTrainedModel(LlavaOnevisionPreTrainedModel):
+class _SwitchableAttention:
+    """
+    transformers decides whether a model may switch `attn_implementation` at run time by scanning its module's source
+    for `*Attention*(nn.Module)` classes that do not dispatch through `ALL_ATTENTION_FUNCTIONS`. The classes of this
+    file that match are AGF's single-query readouts, which have no implementation to choose; every decoder and vision
+    layer is transformers' own Qwen2 / SigLIP layer, which dispatches through the attention interface.
+    """
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True
+
+
+class CLIPreTrainedModel(_SwitchableAttention, LlavaOnevisionPreTrainedModel):
     config_class = CLIConfig
     input_modalities = ("image", "text")
     _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer", "CLIAdaptiveGatingFusion"]
@@ -291,7 +378,7 @@ class CLIPreTrainedModel(LlavaOnevisionPreTrainedModel):
         init_cli_module(module, getattr(self.config.get_text_config(), "initializer_range", 0.02))
 
 
-class CLITextModel(Qwen2Model):
+class CLITextModel(_SwitchableAttention, Qwen2Model):
     """
     The Qwen2 decoder with AGF modules: `agf[str(j)]` injects into the hidden states entering decoder layer `j`.
     """
@@ -412,7 +499,7 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
         `image_newline` per row. An image encoded as one crop (multi-image prompts) is its base view + one newline.
         """
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        max_num_crops = int(vision_aspect_ratio.removeprefix("anyres_max_"))
+        max_num_crops = check_vision_aspect_ratio(vision_aspect_ratio)
         plans = []
         for num_crops, image_size in zip(crops_per_image, image_sizes):
             if num_crops == 1:
@@ -486,6 +573,53 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
         feature_lens = [plan.num_tokens for plan in plans]
         return list(out.split(feature_lens)), torch.tensor(feature_lens, device=out.device)
 
+    def crops_per_image(self, pixel_values, image_sizes, batch_num_images=None) -> list[int]:
+        """
+        The number of crops of every image (anyres crops plus the base view; 1 for each image of a multi-image
+        sample), after checking that `pixel_values`, `image_sizes` and `batch_num_images` describe the same images.
+        """
+        if pixel_values.dim() not in (4, 5):
+            raise ValueError(f"`pixel_values` must have 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}.")
+        image_sizes = torch.as_tensor(image_sizes)
+        if image_sizes.dim() != 2 or image_sizes.shape[-1] != 2 or image_sizes.is_floating_point():
+            raise ValueError(f"`image_sizes` must be integer (height, width) pairs, got shape {tuple(image_sizes.shape)}.")
+        if image_sizes.numel() and image_sizes.min() <= 0:
+            bad = [tuple(size) for size in image_sizes.tolist() if min(size) <= 0][:5]
+            raise ValueError(f"`image_sizes` must be positive (height, width) pairs, got {bad}.")
+        num_images = len(image_sizes)
+        if batch_num_images is None:
+            images_per_sample = [1] * num_images
+        else:
+            images_per_sample = [int(n) for n in torch.as_tensor(batch_num_images).flatten().tolist()]
+            if min(images_per_sample, default=0) < 0 or sum(images_per_sample) != num_images:
+                raise ValueError(
+                    f"`batch_num_images` {images_per_sample[:8]} adds up to {sum(images_per_sample)} images but "
+                    f"`image_sizes` describes {num_images}."
+                )
+        grid_pinpoints, crop_size = self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        crops = [
+            image_size_to_num_patches(size, grid_pinpoints, crop_size) if num == 1 else 1
+            for size, num in zip(image_sizes.tolist(), (n for n in images_per_sample for _ in range(n)))
+        ]
+        if pixel_values.dim() == 5:
+            if pixel_values.shape[0] != num_images:
+                raise ValueError(
+                    f"`pixel_values` holds {pixel_values.shape[0]} images but `image_sizes` describes {num_images}."
+                )
+            short = [(index, need) for index, need in enumerate(crops) if need > pixel_values.shape[1]]
+            if short:
+                index, need = short[0]
+                raise ValueError(
+                    f"Image {index} of size {tuple(image_sizes[index].tolist())} needs {need} crops but `pixel_values` "
+                    f"holds at most {pixel_values.shape[1]} per image; image_sizes and pixel_values disagree."
+                )
+        elif sum(crops) != pixel_values.shape[0]:
+            raise ValueError(
+                f"`pixel_values` holds {pixel_values.shape[0]} crops but `image_sizes` describes images of {sum(crops)} "
+                f"crops in all ({crops[:8]} per image); image_sizes and pixel_values disagree."
+            )
+        return crops
+
     @merge_with_config_defaults
     @can_return_tuple
     def get_image_features(
@@ -512,23 +646,26 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
             [`CLIImageFeaturesOutput`] with `pooler_output` (`[image] -> (tokens, hidden)`), `deepstack_features`
             (`[layer][image] -> (tokens, hidden)`) and `packed_features`, the buffer they are views of.
         """
-        grid_pinpoints, crop_size = self.config.image_grid_pinpoints, self.config.vision_config.image_size
-        images_per_sample = [1] * len(image_sizes) if batch_num_images is None else batch_num_images
-        crops_per_image = [
-            image_size_to_num_patches(size, grid_pinpoints, crop_size) if num == 1 else 1
-            for size, num in zip(image_sizes, (int(n) for n in images_per_sample for _ in range(int(n))))
-        ]
+        crops_per_image = self.crops_per_image(pixel_values, image_sizes, batch_num_images)
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([crops[:num] for crops, num in zip(pixel_values, crops_per_image)], dim=0)
-        elif pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must have 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}.")
-
-        base_layer = vision_feature_layer % (self.config.vision_config.num_hidden_layers + 1)
+        check_vision_aspect_ratio(vision_aspect_ratio)
+        num_hidden_states = self.config.vision_config.num_hidden_layers + 1
+        if isinstance(vision_feature_layer, bool) or not isinstance(vision_feature_layer, int):
+            raise ValueError(f"`vision_feature_layer` must be one int for CLI, got {vision_feature_layer!r}.")
+        if not -num_hidden_states <= vision_feature_layer < num_hidden_states:
+            raise ValueError(
+                f"`vision_feature_layer`={vision_feature_layer} is out of range for the vision tower's "
+                f"{num_hidden_states} hidden states (allowed: {-num_hidden_states}..{num_hidden_states - 1})."
+            )
+        base_layer = vision_feature_layer % num_hidden_states
         # slot 0 is the baseline; a baseline layer that is also extracted gets its own slot (the LoRA must not touch it)
         layers = [base_layer] + list(self.config.vision_extraction_layers)
-        kwargs.pop("output_hidden_states", None)
+        # only the layers CLI reads are kept, unless the caller asks for all of them
+        output_hidden_states = kwargs.pop("output_hidden_states", None) is True
         vision_outputs = self.vision_tower(
-            pixel_values, output_hidden_states=sorted(set(layers)), return_dict=True, **kwargs
+            pixel_values, output_hidden_states=True if output_hidden_states else sorted(set(layers)), return_dict=True,
+            **kwargs,
         )
         plans = self.packing_plans(crops_per_image, image_sizes, vision_aspect_ratio)
         num_tokens = [plan.num_tokens for plan in plans]
@@ -547,6 +684,8 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
         per_slot = [list(slot_features.split(num_tokens)) for slot_features in packed]
         return CLIImageFeaturesOutput(
             last_hidden_state=vision_outputs.last_hidden_state,
+            hidden_states=vision_outputs.hidden_states if output_hidden_states else None,
+            attentions=vision_outputs.attentions,
             pooler_output=per_slot[0],
             deepstack_features=per_slot[1:],
             packed_features=packed,
@@ -595,6 +734,15 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
+        if (image_outputs is not None or pixel_values is not None) and past_key_values is not None:
+            if (cached := past_key_values.get_seq_length()) > 0:
+                raise ValueError(
+                    f"Images were given for a forward pass that continues a cache of {cached} tokens (a second chat "
+                    "turn on a reused `past_key_values`, or chunked prefill). CLI's gates read the hidden states of "
+                    "the whole prompt at every injection layer, so images can only be encoded in a prompt prefilled "
+                    "from an empty cache: call generate() on the whole conversation without `past_key_values` "
+                    "(text-only turns may reuse the cache)."
+                )
         if image_outputs is None and pixel_values is not None:
             if image_sizes is None:
                 raise ValueError("`pixel_values` needs `image_sizes` (the original (height, width) of each image).")
@@ -624,11 +772,6 @@ class CLIModel(CLIPreTrainedModel, LlavaOnevisionModel):
                     f"The prompt holds {num_image_tokens} image tokens (id {self.config.image_token_id}) but the images "
                     f"give {image_features.shape[0]} features. Build the prompt with the CLI processor, which expands "
                     "each `<image>` to its feature count; pixel values need a prompt with their image tokens."
-                )
-            if past_key_values is not None and past_key_values.get_seq_length() > 0:
-                raise ValueError(
-                    "Image tokens must be prefilled in one forward pass from an empty cache: CLI's gates read the whole "
-                    "prompt at every injection layer, so chunked prefill with images cannot be exact."
                 )
             inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features)
             cli_features = packed[1:]
@@ -669,7 +812,7 @@ def format_parameter_summary(summary: dict[str, tuple[int, int]]) -> str:
     return "\n".join(lines)
 
 
-class CLIForConditionalGeneration(CLIPreTrainedModel, LlavaOnevisionForConditionalGeneration):
+class CLIForConditionalGeneration(CLIPreTrainedModel, LlavaOnevisionForConditionalGeneration, GenerationMixin):
     """CLI with a language-modeling head; `generate()`, the pipeline and the Trainer work as for LLaVA-OneVision."""
 
     def __init__(self, config: CLIConfig):
@@ -721,6 +864,30 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, LlavaOnevisionForCondition
         if verbose:
             print(format_parameter_summary(summary))
         return summary
+
+    @torch.no_grad()
+    def fold_agf(self) -> "CLIForConditionalGeneration":
+        """
+        Turns AGF's attention form into the folded form in place (exact: the folded vectors are computed in float64
+        and stored in the model's dtype), sets `config.agf_form = "folded"` and returns the model. `save_pretrained`
+        then writes the folded form, which loads as folded. A model that is already folded is returned unchanged.
+        Call it on a model whose weights are materialised (not offloaded to disk or the meta device).
+        """
+        for agf in self.model.language_model.agf.values():
+            for name in ("vision_attention", "context_attention"):
+                attention = getattr(agf, name)
+                if not isinstance(attention, CLISingleQueryAttention):
+                    continue
+                score_vectors, value_vectors, constant, _ = attention.fold(torch.float64)  # the shift cancels
+                weight = attention.query_weight
+                folded = CLIFoldedSingleQueryAttention(weight.shape[0], attention.num_heads)
+                folded.to(device=weight.device, dtype=weight.dtype).requires_grad_(weight.requires_grad)
+                folded.load_state_dict(
+                    {"score_vectors": score_vectors, "value_vectors": value_vectors, "constant": constant}
+                )
+                setattr(agf, name, folded)
+        self.config.agf_form = "folded"
+        return self
 
     @can_return_tuple
     def forward(
@@ -792,7 +959,33 @@ class CLIForConditionalGeneration(CLIPreTrainedModel, LlavaOnevisionForCondition
                 "states at every injection layer, so a prompt with images is prefilled in one pass. Pass "
                 "prefill_chunk_size=None (text-only prompts may be chunked)."
             )
-        return super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=is_first_iteration)
+        outputs = super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=is_first_iteration)
+        if is_first_iteration and getattr(outputs, "gate_weights", None) is not None:
+            self._prefill_gate_weights = outputs.gate_weights
+        return outputs
+
+    def generate(self, *args, **kwargs):
+        """
+        [`GenerationMixin.generate`]; with `output_gate_weights=True` (and `return_dict_in_generate=True`) the output
+        also carries `gate_weights`, AGF's gates of the prefill, `(num_injection_layers, rows, num_extraction_layers)`
+        where `rows` is the batch as generate expands it (`batch_size * num_beams` or `* num_return_sequences`).
+        """
+        if not kwargs.get("output_gate_weights"):
+            return super().generate(*args, **kwargs)
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        if not kwargs.get("return_dict_in_generate", generation_config.return_dict_in_generate):
+            raise ValueError(
+                "generate(output_gate_weights=True) returns the prefill's gates as `output.gate_weights`, which needs "
+                "`return_dict_in_generate=True` (the plain output is a tensor of token ids). Pass both, or call the "
+                "model's forward with `output_gate_weights=True`."
+            )
+        self._prefill_gate_weights = None
+        try:
+            output = super().generate(*args, **kwargs)
+        finally:
+            gate_weights = self.__dict__.pop("_prefill_gate_weights", None)
+        output["gate_weights"] = gate_weights
+        return output
 
 
 # `save_pretrained` copies this file and its relative imports; the config's `auto_map` names every auto class.
