@@ -84,12 +84,9 @@ from PIL import ImageDraw  # noqa: E402
 from torch import nn  # noqa: E402
 
 import shapes_data  # noqa: E402
+import tiny_cli  # noqa: E402
 from modeling_cli import CLIForConditionalGeneration  # noqa: E402
-
-try:  # the tiny builders move to tiny_cli.py (branch proc); training_cli had them before
-    import tiny_cli as tiny_builders  # noqa: E402
-except ImportError:
-    import training_cli as tiny_builders  # noqa: E402
+from training_cli import CLIDataCollator  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The task
@@ -437,9 +434,9 @@ class StaticBridgeForConditionalGeneration(CLIForConditionalGeneration):
 
 
 def build_tokenizer_and_processor():
-    corpus = tiny_builders.TINY_CORPUS + tiny_builders.SHAPES_CORPUS + FUSION_CORPUS
-    tokenizer = tiny_builders.build_tiny_tokenizer(corpus=corpus)
-    return tokenizer, tiny_builders.tiny_processor(tokenizer, PATCH_SIZE)
+    corpus = tiny_cli.TINY_CORPUS + tiny_cli.SHAPES_CORPUS + FUSION_CORPUS
+    tokenizer = tiny_cli.build_tiny_tokenizer(corpus=corpus)
+    return tokenizer, tiny_cli.tiny_processor(tokenizer, PATCH_SIZE)
 
 
 def arm_config(arm: str, tokenizer):
@@ -453,7 +450,7 @@ def arm_config(arm: str, tokenizer):
     )
     if spec.get("agf_form", "attention") != "attention":
         overrides["agf_form"] = spec["agf_form"]
-    config = tiny_builders.tiny_cli_config(tokenizer, PATCH_SIZE, **overrides)
+    config = tiny_cli.tiny_cli_config(tokenizer, PATCH_SIZE, **overrides)
     if spec["bridge"] == "static":
         config.static_injection_weights = spec["weights"]
     return config
@@ -509,7 +506,7 @@ class BatchEncoder:
 
     def __init__(self, processor):
         self.processor = processor
-        self.collator = tiny_builders.CLIDataCollator(processor)
+        self.collator = CLIDataCollator(processor)
         self.pad_token_id = processor.tokenizer.pad_token_id
         self.eos_token_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.cache = {}
@@ -753,6 +750,21 @@ FULL = dict(steps=1000, tower_steps=600, seeds=[0, 1, 2], eval_per_kind=200)
 QUICK = dict(steps=150, tower_steps=150, seeds=[0], eval_per_kind=50)
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (`+dirty` with uncommitted changes to tracked files), or None outside git."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"small budget: {QUICK}")
@@ -852,6 +864,7 @@ def main(argv=None) -> dict:
         "tower": {"pretraining_log": tower_log, "seconds": round(tower_seconds, 1),
                   "cpu_seconds": round(tower_cpu_seconds, 1), "loaded_from": args.tower},
         "runs": runs,
+        "commit": git_commit(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "jobs": args.jobs, "threads_per_run": 1},
     }

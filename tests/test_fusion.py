@@ -151,7 +151,8 @@ def test_static_arms_are_cli_with_gates_pinned(bench, tokenizer_and_processor):
         for row, layer in zip(bench.ARMS[arm]["weights"], bench.ARMS[arm]["injection"]):
             agf = reference.model.language_model.agf[str(layer)]
             with torch.no_grad():
-                agf.gate_weight.zero_()
+                agf.vision_attention.readout_vector.zero_()
+                agf.context_attention.readout_vector.zero_()
                 agf.gate_bias.copy_(torch.tensor(row) * 20.0)  # tanh(20) == 1.0 in float32, tanh(0) == 0
         with torch.no_grad():
             ours, theirs = model(**batch).logits, reference(**batch).logits
@@ -187,7 +188,7 @@ def test_linear_probe_reads_a_linear_signal_and_not_noise(bench):
 
 def test_smoke_run_writes_the_issue_schema(bench, tmp_path):
     out = tmp_path / "fusion.json"
-    arms = ["one_to_one", "deepstack", "shallow", "cli"]
+    arms = ["one_to_one", "deepstack", "shallow", "cli", "cli_folded"]
     argv = ["--jobs", "1", "--steps", "2", "--tower-steps", "2", "--seeds", "0,1", "--eval-per-kind", "3",
             "--probe-images", "24,12", "--arms", ",".join(arms), "--json", str(out), "--figures", ""]
     threads, rng_state = torch.get_num_threads(), torch.get_rng_state()
@@ -209,11 +210,12 @@ def test_smoke_run_writes_the_issue_schema(bench, tmp_path):
         assert isinstance(entry["trainable_parameters"], int) and entry["trainable_parameters"] > 0
         assert len(entry["seconds"]) == 2 and all(s > 0 for s in entry["seconds"])
     params = {arm: entry["trainable_parameters"] for arm, entry in report["arms"].items()}
-    assert params["one_to_one"] < params["shallow"] < params["deepstack"] < params["cli"]
+    assert params["one_to_one"] < params["shallow"] < params["deepstack"] < params["cli_folded"] < params["cli"]
     num_states = bench.VISION_CONFIG["num_hidden_layers"] + 1
     assert set(report["probes"]) == set(bench.ATTRIBUTES)
     assert all(len(values) == num_states and all(0 <= v <= 1 for v in values) for values in report["probes"].values())
-    maps = report["gate_maps"]["cli"]["mean_per_kind"]
-    assert set(maps) == set(bench.KINDS)
-    assert all(np.asarray(m).shape == (len(bench.INJECTION_LAYERS), len(bench.EXTRACTION_LAYERS)) for m in maps.values())
+    for arm in ("cli", "cli_folded"):
+        maps = report["gate_maps"][arm]["mean_per_kind"]
+        assert set(maps) == set(bench.KINDS)
+        assert all(np.asarray(m).shape == (len(bench.INJECTION_LAYERS), len(bench.EXTRACTION_LAYERS)) for m in maps.values())
     assert "| cli |" in stdout.getvalue()
