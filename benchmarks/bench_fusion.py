@@ -734,7 +734,9 @@ def save_figures(report: dict, folder: str) -> list[str]:
                     axis.text(column, row, f"{values[row, column]:.2f}", ha="center", va="center", fontsize=7)
         axes[0][0].set_ylabel("LLM layer j")
         figure.colorbar(image, ax=axes[0].tolist(), label="mean gate")
-        figure.suptitle(f"{arm}: mean AGF gate per question kind (mean over seeds)", fontsize=9)
+        saturated = np.mean(list(maps["saturated_share"].values()))
+        figure.suptitle(f"{arm}: mean AGF gate per question kind (mean over seeds; {100 * saturated:.0f}% of the "
+                        "gates have |g| > 0.99)", fontsize=9, y=1.04)
         path = os.path.join(folder, f"gates_{arm}.png")
         figure.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(figure)
@@ -803,6 +805,7 @@ def main(argv=None) -> dict:
             raise ValueError("--arms cli_folded: this checkout's CLIConfig has no agf_form='folded'.")
     torch.set_num_threads(1)
     started, cpu_started = time.time(), time.process_time()
+    commit = git_commit()  # now: files edited while the benchmark runs are not what it ran
     print(f"arms {arms}, seeds {seeds}, {steps} steps x batch {args.batch_size}, lr {args.lr}", flush=True)
 
     work = tempfile.mkdtemp(prefix="bench_fusion_")
@@ -864,7 +867,7 @@ def main(argv=None) -> dict:
         "tower": {"pretraining_log": tower_log, "seconds": round(tower_seconds, 1),
                   "cpu_seconds": round(tower_cpu_seconds, 1), "loaded_from": args.tower},
         "runs": runs,
-        "commit": git_commit(),
+        "commit": commit,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "jobs": args.jobs, "threads_per_run": 1},
     }
