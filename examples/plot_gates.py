@@ -50,6 +50,53 @@ def save_gate_heatmap(gates: torch.Tensor, config, path: str, title: str = "CLI 
     return path
 
 
+GATE_READING = (
+    "Red: that LLM layer (row) adds that vision layer's features (column) to the image tokens (gate g > 0); "
+    "blue: subtracts them (g < 0); white: leaves them out (g near 0)."
+)
+
+
+def save_gate_heatmaps(
+    panels: list[tuple[str, torch.Tensor]], config, path: str, caption: str = GATE_READING, title: str | None = None
+) -> str:
+    """
+    Writes several gate maps `(J, K)` side by side in one PNG on one shared colour scale (-1 to 1, the gates' range),
+    each panel titled by its label, with `caption` as one line of text under the picture; returns `path`.
+    """
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num_rows, num_cols = panels[0][1].shape
+    width = max(3.2, 1.6 + 0.75 * num_cols)
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(width * len(panels) + 1.0, max(3.2, 2.0 + 0.45 * num_rows)), squeeze=False
+    )
+    for axis, (label, gates) in zip(axes[0], panels):
+        image = axis.imshow(gates.numpy(), cmap="RdBu_r", vmin=-1.0, vmax=1.0, aspect="auto")
+        axis.set_xticks(range(gates.shape[1]), [str(k) for k in config.vision_extraction_layers])
+        axis.set_yticks(range(gates.shape[0]), [str(j) for j in config.llm_injection_layers])
+        axis.set_xlabel("vision extraction layer k")
+        axis.set_title("\n".join(textwrap.wrap(label, 30)), fontsize=9)
+        for row in range(gates.shape[0]):
+            for column in range(gates.shape[1]):
+                value = float(gates[row, column])
+                axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                          color="white" if abs(value) > 0.6 else "black")
+    axes[0][0].set_ylabel("LLM injection layer j")
+    figure.colorbar(image, ax=axes[0].tolist(), label="gate g")
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.text(0.5, 0.01, "\n".join(textwrap.wrap(caption, 170)), ha="center", va="bottom", fontsize=7.5)
+    figure.subplots_adjust(bottom=0.3, top=0.8, wspace=0.35, right=0.8)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a CLI checkpoint folder or Hub repo id")

@@ -1,7 +1,7 @@
 """
 CLI in one command, offline: load a CLI checkpoint through `AutoModel(..., trust_remote_code=True)`, answer a question
-about a bundled image with `pipeline("image-text-to-text")`, and save the heat map of the gate weights (LLM injection
-layer x vision extraction layer) as a PNG.
+about a bundled image with `pipeline("image-text-to-text")`, and save the heat maps of the gate weights (LLM injection
+layer x vision extraction layer) for that question and one of another kind, side by side in one PNG.
 
     python examples/quickstart.py                                   # examples/shapes/model if shipped, else tiny random
     python examples/quickstart.py --tiny-random                     # a tiny random model, built once into examples/_cache
@@ -25,6 +25,7 @@ EXAMPLES = os.path.dirname(os.path.abspath(__file__))
 SHAPES_MODEL = os.path.join(EXAMPLES, "shapes", "model")
 SHAPES_IMAGE = os.path.join(EXAMPLES, "shapes_example.png")
 SHAPES_QUESTION = "What color is the circle?"
+SHAPES_SECOND_QUESTION = "How many squares are there?"  # another kind of question, for the side-by-side gate maps
 TINY_RANDOM_MODEL = os.path.join(EXAMPLES, "_cache", "tiny-random-cli")
 
 
@@ -46,7 +47,11 @@ def main(argv=None):
     parser.add_argument("--tiny-random", action="store_true", help="use a tiny random model instead of the shapes one")
     parser.add_argument("--image", default=SHAPES_IMAGE, help="image file (default: the bundled shapes image)")
     parser.add_argument("--question", default=SHAPES_QUESTION)
-    parser.add_argument("--output", default="cli_gates.png", help="where to write the gate heat map")
+    parser.add_argument(
+        "--second-question", default=SHAPES_SECOND_QUESTION,
+        help="a question of another kind whose gates are drawn beside the first's ('' = only the first)",
+    )
+    parser.add_argument("--output", default="cli_gates.png", help="where to write the gate heat maps")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
 
@@ -71,11 +76,15 @@ def main(argv=None):
     print(f"Q: {args.question}\nA: {answer[0]['generated_text'].strip()}")
 
     sys.path.insert(0, EXAMPLES)
-    from plot_gates import gate_weights_for, save_gate_heatmap
+    from plot_gates import gate_weights_for, save_gate_heatmaps
 
-    gates = gate_weights_for(model, processor, image, args.question)
-    print(f"gate weights (injection layer x vision layer):\n{torch.round(gates, decimals=3)}")
-    print(f"wrote {save_gate_heatmap(gates, config, args.output, title=f'CLI gates: {args.question}')}")
+    questions = [args.question] + ([args.second_question] if args.second_question else [])
+    panels = []
+    for question in questions:
+        gates = gate_weights_for(model, processor, image, question)
+        print(f"gate weights for {question!r} (injection layer x vision layer):\n{torch.round(gates, decimals=3)}")
+        panels.append((question, gates))
+    print(f"wrote {save_gate_heatmaps(panels, config, args.output, title='CLI gates for the same image')}")
 
 
 if __name__ == "__main__":
