@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -86,6 +85,7 @@ from torch import nn  # noqa: E402
 import shapes_data  # noqa: E402
 import tiny_cli  # noqa: E402
 from modeling_cli import CLIForConditionalGeneration  # noqa: E402
+from shapes_recipe import fit_linear_probe, warmup_cosine  # noqa: E402
 from training_cli import CLIDataCollator  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -314,26 +314,6 @@ def pretrain_tower(steps: int, batch_size: int = 64, invariance_weight: float = 
     return tower, history
 
 
-def fit_linear_probe(train_x, train_y, test_x, test_y, num_classes: int, l2: float = 1e-3, iterations: int = 100):
-    """Multinomial logistic regression (LBFGS, standardised features, L2); returns the test accuracy."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    probe = nn.Linear(train_x.shape[1], num_classes)
-    nn.init.zeros_(probe.weight)
-    nn.init.zeros_(probe.bias)
-    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(probe(train_x), train_y) + l2 * probe.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        return float((probe(test_x).argmax(-1) == test_y).float().mean())
-
-
 def probe_tower(tower, num_train: int = 3000, num_test: int = 1000, seed: int = 4242) -> dict[str, list[float]]:
     """Linear-probe accuracy of every vision hidden state (0..L) for each attribute (see the module docstring)."""
     rng = random.Random(seed)
@@ -362,18 +342,6 @@ def probe_tower(tower, num_train: int = 3000, num_test: int = 1000, seed: int = 
                 round(fit_linear_probe(features[train], target[train], features[test], target[test], classes[attribute]), 4)
             )
     return probes
-
-
-def warmup_cosine(optimizer, steps: int, warmup: int):
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `steps` (transformers' cosine schedule)."""
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -72,8 +72,11 @@ def save_gate_heatmaps(
 
     num_rows, num_cols = panels[0][1].shape
     width = max(3.2, 1.6 + 0.75 * num_cols)
+    figure_width = width * len(panels) + 1.2
+    caption_lines = textwrap.wrap(caption, int(figure_width * 13))  # ~13 characters an inch at 7.5 pt
     figure, axes = plt.subplots(
-        1, len(panels), figsize=(width * len(panels) + 1.0, max(3.2, 2.0 + 0.45 * num_rows)), squeeze=False
+        1, len(panels), figsize=(figure_width, max(3.2, 2.0 + 0.45 * num_rows) + 0.15 * len(caption_lines)),
+        squeeze=False,
     )
     for axis, (label, gates) in zip(axes[0], panels):
         image = axis.imshow(gates.numpy(), cmap="RdBu_r", vmin=-1.0, vmax=1.0, aspect="auto")
@@ -87,11 +90,13 @@ def save_gate_heatmaps(
                 axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
                           color="white" if abs(value) > 0.6 else "black")
     axes[0][0].set_ylabel("LLM injection layer j")
-    figure.colorbar(image, ax=axes[0].tolist(), label="gate g")
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.text(0.5, 0.01, "\n".join(textwrap.wrap(caption, 170)), ha="center", va="bottom", fontsize=7.5)
-    figure.subplots_adjust(bottom=0.3, top=0.8, wspace=0.35, right=0.8)
+    bottom = 0.22 + 0.05 * len(caption_lines)
+    figure.subplots_adjust(left=0.9 / figure_width, right=1.0 - 1.1 / figure_width, bottom=bottom, top=0.8, wspace=0.35)
+    colorbar_axis = figure.add_axes([1.0 - 0.9 / figure_width, bottom, 0.15 / figure_width, 0.8 - bottom])
+    figure.colorbar(image, cax=colorbar_axis, label="gate g")
+    figure.text(0.5, 0.02, "\n".join(caption_lines), ha="center", va="bottom", fontsize=7.5)
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path

@@ -484,7 +484,8 @@ def test_shapes_recipe_below_target_never_replaces_the_shipped_model(tmp_path, m
     before = {f.name: f.read_bytes() for f in shipped.iterdir()}
     monkeypatch.setattr(finetune, "SHAPES_MODEL_DIR", str(shipped))
     monkeypatch.setattr(finetune, "HERE", str(tmp_path))  # the Trainer's run folder and the fallback land here
-    monkeypatch.setitem(finetune.SHAPES_RECIPE, "max_steps", 2)
+    for stage_steps in ("tower_steps", "max_steps", "gate_cost_steps"):  # the recipe's three training stages (issue 15)
+        monkeypatch.setitem(finetune.SHAPES_RECIPE, stage_steps, 2)
     monkeypatch.setitem(finetune.SHAPES_RECIPE, "heldout_size", 6)
     threads = torch.get_num_threads()
     try:
