@@ -551,6 +551,17 @@ def gate_summary(gates: torch.Tensor, kinds: list[str]) -> dict:
     return summary
 
 
+def arm_optimizer(model: nn.Module, settings: dict) -> torch.optim.AdamW:
+    """AdamW (0.9 / 0.98, no weight decay) over the trainable parameters: AGF's at `settings["agf_lr"]` when set (the
+    follow-up run's one change), everything else at `settings["lr"]`."""
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    groups = [
+        {"params": [p for n, p in trainable if ".agf." not in n], "lr": settings["lr"]},
+        {"params": [p for n, p in trainable if ".agf." in n], "lr": settings.get("agf_lr") or settings["lr"]},
+    ]
+    return torch.optim.AdamW([group for group in groups if group["params"]], betas=(0.9, 0.98), weight_decay=0.0)
+
+
 def run_arm(job: dict) -> dict:
     """Trains one arm with one seed and evaluates it; `job` holds the arm, seed, settings and the tower's path."""
     from safetensors.torch import load_file
@@ -561,7 +572,7 @@ def run_arm(job: dict) -> dict:
     encoder = BatchEncoder(processor)
     model = build_arm(arm, seed, load_file(job["tower_path"]), tokenizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings["lr"], betas=(0.9, 0.98), weight_decay=0.0)
+    optimizer = arm_optimizer(model, settings)
     steps, batch_size = settings["steps"], settings["batch_size"]
     schedule = warmup_cosine(optimizer, steps, warmup=min(settings["warmup"], steps))
     heldout = generate_examples(settings["eval_per_kind"] * len(KINDS), seed=settings["eval_seed"])
@@ -747,6 +758,7 @@ def parse_args(argv=None):
     parser.add_argument("--probe-images", default="3000,1000", help="probe train,test images")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--agf-lr", type=float, help="AGF's learning rate (default: --lr, as pre-registered)")
     parser.add_argument("--invariance-weight", type=float, default=1000.0)
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     parser.add_argument("--tower", help="load the pretrained tower from this safetensors file instead of pretraining")
@@ -774,7 +786,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     started, cpu_started = time.time(), time.process_time()
     commit = git_commit()  # now: files edited while the benchmark runs are not what it ran
-    print(f"arms {arms}, seeds {seeds}, {steps} steps x batch {args.batch_size}, lr {args.lr}", flush=True)
+    print(f"arms {arms}, seeds {seeds}, {steps} steps x batch {args.batch_size}, lr {args.lr}, AGF lr {args.agf_lr or args.lr}",
+          flush=True)
 
     work = tempfile.mkdtemp(prefix="bench_fusion_")
     if args.tower:
@@ -800,7 +813,7 @@ def main(argv=None) -> dict:
         print(f"  {attribute:>6}: " + " ".join(f"{v:.3f}" for v in values), flush=True)
 
     settings = dict(
-        steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=30, eval_per_kind=eval_per_kind, eval_seed=777,
+        steps=steps, batch_size=args.batch_size, lr=args.lr, agf_lr=args.agf_lr, warmup=30, eval_per_kind=eval_per_kind, eval_seed=777,
         data_seed_offset=1000, log_every=25, eval_at=[int(s) for s in args.eval_at.split(",") if s],
     )
     jobs = [dict(arm=arm, seed=seed, settings=settings, tower_path=tower_path, progress=args.jobs > 1)

@@ -186,6 +186,22 @@ def test_linear_probe_reads_a_linear_signal_and_not_noise(bench):
     assert bench.fit_linear_probe(features[:400], noise[:400], features[400:], noise[400:], 2) < 0.65
 
 
+def test_agf_learning_rate_applies_to_the_agf_parameters_alone(bench):
+    import tiny_cli  # on the path once the benchmark is loaded
+
+    model, _ = tiny_cli.build_tiny_cli()
+    model.set_trainable("cli", verbose=False)
+    agf = {id(p) for n, p in model.named_parameters() if ".agf." in n and p.requires_grad}
+    others = {id(p) for n, p in model.named_parameters() if ".agf." not in n and p.requires_grad}
+    assert agf and others
+    rates = {id(p): group["lr"] for group in bench.arm_optimizer(model, {"lr": 1e-3, "agf_lr": 3e-5}).param_groups
+             for p in group["params"]}
+    assert rates == {**{i: 1e-3 for i in others}, **{i: 3e-5 for i in agf}}
+    default = bench.arm_optimizer(model, {"lr": 1e-3, "agf_lr": None})
+    assert {group["lr"] for group in default.param_groups} == {1e-3}
+    assert sum(len(group["params"]) for group in default.param_groups) == len(agf) + len(others)
+
+
 def test_smoke_run_writes_the_issue_schema(bench, tmp_path):
     out = tmp_path / "fusion.json"
     arms = ["one_to_one", "deepstack", "shallow", "cli", "cli_folded"]
