@@ -85,7 +85,7 @@ from torch import nn  # noqa: E402
 import shapes_data  # noqa: E402
 import tiny_cli  # noqa: E402
 from modeling_cli import CLIForConditionalGeneration  # noqa: E402
-from shapes_recipe import fit_linear_probe, warmup_cosine  # noqa: E402
+from shapes_recipe import fit_linear_probe, twin_invariance, warmup_cosine  # noqa: E402
 from training_cli import CLIDataCollator  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -298,9 +298,7 @@ def pretrain_tower(steps: int, batch_size: int = 64, invariance_weight: float = 
         coarse = nn.functional.cross_entropy(shape_logits.flatten(0, 1), shape_target.flatten()) + (
             nn.functional.cross_entropy(color_logits.flatten(0, 1), color_target.flatten())
         )
-        first, second = last.chunk(2)
-        variance = last.flatten(0, 1).var(0).sum()
-        invariance = (first - second).pow(2).sum(-1).mean() / variance
+        invariance = twin_invariance(last)
         loss = coarse + invariance_weight * invariance
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)

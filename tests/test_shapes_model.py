@@ -48,23 +48,15 @@ def gates_and_kinds(shipped):
     """
     model, processor = shipped
     rng = random.Random(FRESH_SEED)
-    conversations, images = [], []
+    examples = []
     for scene in fresh_scenes(NUM_SCENES, FRESH_SEED):
         image = shapes_data.render_scene(scene)
         for kind in shapes_data.QUESTION_KINDS:
             question, _ = shapes_data.ask(scene, kind, rng)
-            conversations.append([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
-            images.append([image])
-    inputs = processor.apply_chat_template(
-        conversations,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"images": images, "padding": True, "padding_side": "left"},
-    )
+            content = [{"type": "image"}, {"type": "text", "text": question}]
+            examples.append({"messages": [{"role": "user", "content": content}], "images": [image]})
     with torch.no_grad():
-        gates = model(**inputs, output_gate_weights=True).gate_weights.permute(1, 0, 2)  # (N, J, K)
+        gates = model(**shapes_data.question_inputs(processor, examples), output_gate_weights=True).gate_weights.permute(1, 0, 2)  # (N, J, K)
     return gates.unflatten(0, (NUM_SCENES, len(shapes_data.QUESTION_KINDS))), list(shapes_data.QUESTION_KINDS)
 
 

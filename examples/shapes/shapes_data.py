@@ -165,21 +165,25 @@ def question_messages(example: dict) -> list[dict]:
     return [message for message in example["messages"] if message["role"] != "assistant"]
 
 
+def question_inputs(processor, examples: list[dict]):
+    """The model inputs of the examples' questions, one batch padded on the left (prompts built by the processor)."""
+    return processor.apply_chat_template(
+        [question_messages(example) for example in examples],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"images": [example["images"] for example in examples], "padding": True, "padding_side": "left"},
+    )
+
+
 def answer_questions(model, processor, examples: list[dict], batch_size: int = 50, max_new_tokens: int = 4) -> list[str]:
     """Greedy answers of `model` to the examples' questions (prompts built by the processor, padded on the left)."""
     import torch
 
     answers = []
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        inputs = processor.apply_chat_template(
-            [question_messages(example) for example in chunk],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs={"images": [example["images"] for example in chunk], "padding": True, "padding_side": "left"},
-        )
+        inputs = question_inputs(processor, examples[start : start + batch_size])
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]

@@ -80,6 +80,15 @@ def warmup_cosine(optimizer, steps: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def twin_invariance(features: torch.Tensor) -> torch.Tensor:
+    """
+    `features` `(2N, ...)`: N renders followed by their N twins. The mean squared distance between each render's and its
+    twin's features, relative to the features' variance over the batch (so shrinking the features does not pay).
+    """
+    first, second = features.chunk(2)
+    return (first - second).pow(2).sum(-1).mean() / features.flatten(0, 1).var(0).sum()
+
+
 def pretrain_color_blind_tower(
     tower: nn.Module, steps: int, batch_size: int = 64, invariance_weight: float = 1000.0, lr: float = 1e-3,
     seed: int = 0, color_layer: int | None = None, log=print,
@@ -114,8 +123,7 @@ def pretrain_color_blind_tower(
             colors = torch.tensor([cell_targets(s)["color"] for s in scenes + twins])
             color_logits = color_head(cell_features(hidden_states[color_layer]))
             shape_loss = shape_loss + nn.functional.cross_entropy(color_logits.flatten(0, 1), colors.flatten())
-        first, second = last.chunk(2)
-        invariance = (first - second).pow(2).sum(-1).mean() / last.flatten(0, 1).var(0).sum()
+        invariance = twin_invariance(last)
         loss = shape_loss + invariance_weight * invariance
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -230,12 +238,7 @@ def train_stage(model, processor, dataset, learning_rates: dict[str, float], ste
 @torch.no_grad()
 def gate_summary(model, processor, examples) -> dict:
     """Mean gate `(J, K)` per question kind and the share of inputs with a saturated gate (|g| > 0.99)."""
-    inputs = processor.apply_chat_template(
-        [shapes_data.question_messages(e) for e in examples], add_generation_prompt=True, tokenize=True,
-        return_dict=True, return_tensors="pt",
-        processor_kwargs={"images": [e["images"] for e in examples], "padding": True, "padding_side": "left"},
-    )
-    gates = model(**inputs, output_gate_weights=True).gate_weights.permute(1, 0, 2).float()  # (N, J, K)
+    gates = model(**shapes_data.question_inputs(processor, examples), output_gate_weights=True).gate_weights.permute(1, 0, 2).float()  # (N, J, K)
     kinds = [e["kind"] for e in examples]
     return {
         "mean": {k: gates[[x == k for x in kinds]].mean(0).tolist() for k in shapes_data.QUESTION_KINDS if k in kinds},
