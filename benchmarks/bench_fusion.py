@@ -85,7 +85,7 @@ from torch import nn  # noqa: E402
 import shapes_data  # noqa: E402
 import tiny_cli  # noqa: E402
 from modeling_cli import CLIForConditionalGeneration  # noqa: E402
-from shapes_recipe import fit_linear_probe, twin_invariance, warmup_cosine  # noqa: E402
+from shapes_recipe import fit_linear_probe, pixel_values, twin_invariance, warmup_cosine  # noqa: E402
 from training_cli import CLIDataCollator  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -218,12 +218,6 @@ def cell_labels(scene: list[DottedObject]) -> dict[str, list[int]]:
     return labels
 
 
-def pixel_tensor(images) -> torch.Tensor:
-    """`(N, 3, 48, 48)` pixel values of 48 x 48 RGB images as the processor normalises them (mean = std = 0.5)."""
-    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The vision tower: pretrained on the coarse task with the dot as a nuisance, then frozen
 # ----------------------------------------------------------------------------------------------------------------------
@@ -289,7 +283,7 @@ def pretrain_tower(steps: int, batch_size: int = 64, invariance_weight: float = 
     for step in range(steps):
         scenes = [random_scene(rng) for _ in range(batch_size)]
         twins = [[redraw_dot(o, rng) for o in scene] for scene in scenes]
-        pixels = pixel_tensor([render(s) for s in scenes] + [render(s) for s in twins])
+        pixels = pixel_values([render(s) for s in scenes] + [render(s) for s in twins])
         labels = [cell_labels(s) for s in scenes]
         shape_target = torch.tensor([l["shape"] for l in labels]).repeat(2, 1)
         color_target = torch.tensor([l["color"] for l in labels]).repeat(2, 1)
@@ -320,7 +314,7 @@ def probe_tower(tower, num_train: int = 3000, num_test: int = 1000, seed: int = 
     with torch.no_grad():
         hidden = []
         for start in range(0, len(scenes), 500):
-            pixels = pixel_tensor([render(s) for s in scenes[start : start + 500]])
+            pixels = pixel_values([render(s) for s in scenes[start : start + 500]])
             hidden.append(torch.stack(tower(pixel_values=pixels, output_hidden_states=True).hidden_states))
         hidden = torch.cat(hidden, dim=1)  # (L + 1, N, patches, width)
     targets = {attribute: torch.tensor([l[attribute] for l in labels]).flatten() for attribute in ATTRIBUTES}
@@ -492,7 +486,7 @@ class BatchEncoder:
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         for index, (ids, row_labels) in enumerate(rows):
             input_ids[index, : len(ids)], labels[index, : len(ids)], attention_mask[index, : len(ids)] = ids, row_labels, 1
-        pixels = pixel_tensor([example["images"][0] for example in examples])
+        pixels = pixel_values([example["images"][0] for example in examples])
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
